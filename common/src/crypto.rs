@@ -1,0 +1,322 @@
+//! Chunk ids, compression and encryption: everything between plaintext and the bytes the
+//! coordinator stores.
+//!
+//! Stored chunk format, version 1:
+//!
+//! ```text
+//! [0]    format version (1)
+//! [1]    compression: 0 = none, 1 = zstd
+//! [2..]  AES-256-GCM(key = HKDF-SHA256(data key, "coffer-chunk-v1" || id), nonce = 0,
+//!                     aad = id || bytes[0..2]) of the (maybe compressed) plaintext, with tag
+//! ```
+//!
+//! Every distinct plaintext gets its own key (its id is a keyed hash of it), so a fixed nonce
+//! is never used twice under one key. Identical plaintext encrypts to identical bytes, which
+//! is what lets the coordinator deduplicate ciphertext it cannot read.
+
+use std::fmt;
+
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::{hkdf, hmac};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+use crate::chunker::MAX_CHUNK_SIZE;
+
+pub const CHUNK_FORMAT: u8 = 1;
+const HEADER_LEN: usize = 2;
+const TAG_LEN: usize = 16;
+/// Largest stored chunk: the largest plaintext, uncompressed, plus header and tag.
+pub const MAX_STORED_CHUNK: usize = MAX_CHUNK_SIZE as usize + HEADER_LEN + TAG_LEN;
+/// zstd level used for chunks: level 1 keeps compression off the critical path.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Keyed HMAC-SHA256 of a chunk's plaintext: storage never learns plaintext hashes.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkId(pub [u8; 32]);
+
+impl ChunkId {
+    pub fn from_slice(b: &[u8]) -> Option<ChunkId> {
+        Some(ChunkId(b.try_into().ok()?))
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<ChunkId> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(ChunkId(out))
+    }
+
+    /// First 12 hex digits, for messages.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..6])
+    }
+}
+
+impl fmt::Debug for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkId({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for ChunkId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for ChunkId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for ChunkId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        ChunkId::from_hex(&s).ok_or_else(|| serde::de::Error::custom("chunk id must be 64 hex digits"))
+    }
+}
+
+/// A 256-bit secret. No Clone, no Serialize; zeroized on drop; never printed.
+#[derive(Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+pub struct SecretKey(pub(crate) [u8; 32]);
+
+impl SecretKey {
+    pub fn generate() -> SecretKey {
+        let mut k = [0u8; 32];
+        getrandom::getrandom(&mut k).expect("the operating system's random source failed");
+        SecretKey(k)
+    }
+
+    pub fn from_bytes(b: [u8; 32]) -> SecretKey {
+        SecretKey(b)
+    }
+
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretKey(..)")
+    }
+}
+
+/// Integrity failure of stored data: AEAD tag, checksum or hash mismatch. Names the object.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CryptoError {
+    #[error("chunk {id} is corrupt or was tampered with: {detail}")]
+    Tampered { id: ChunkId, detail: String },
+    #[error("chunk {id} is {len} bytes, over the {max}-byte limit")]
+    TooLarge { id: ChunkId, len: usize, max: usize },
+}
+
+/// Computes ids and seals/opens chunks for one asset. Cheap to share across threads.
+pub struct ChunkCipher {
+    id_key: hmac::Key,
+    prk: hkdf::Prk,
+}
+
+impl fmt::Debug for ChunkCipher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ChunkCipher(..)")
+    }
+}
+
+/// HKDF output length marker for a 32-byte AES key.
+struct KeyLen;
+impl hkdf::KeyType for KeyLen {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+impl ChunkCipher {
+    pub fn new(id_key: &SecretKey, data_key: &SecretKey) -> ChunkCipher {
+        ChunkCipher {
+            id_key: hmac::Key::new(hmac::HMAC_SHA256, &id_key.0),
+            // The data key is uniformly random, so it serves directly as the HKDF PRK.
+            prk: hkdf::Prk::new_less_safe(hkdf::HKDF_SHA256, &data_key.0),
+        }
+    }
+
+    pub fn chunk_id(&self, plaintext: &[u8]) -> ChunkId {
+        let tag = hmac::sign(&self.id_key, plaintext);
+        ChunkId(tag.as_ref().try_into().expect("HMAC-SHA256 is 32 bytes"))
+    }
+
+    fn chunk_key(&self, id: &ChunkId) -> LessSafeKey {
+        let info = [b"coffer-chunk-v1".as_slice(), id.0.as_slice()];
+        let okm = self.prk.expand(&info, KeyLen).expect("32 bytes is a valid HKDF length");
+        let mut key = [0u8; 32];
+        okm.fill(&mut key).expect("32 bytes is a valid HKDF length");
+        let k = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).expect("32-byte key"));
+        key.zeroize();
+        k
+    }
+
+    /// Compresses (unless it does not help) and encrypts one chunk.
+    pub fn seal(&self, id: &ChunkId, plaintext: &[u8]) -> Vec<u8> {
+        let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL).ok();
+        let (mode, body): (u8, &[u8]) = match &compressed {
+            // Store raw unless compression saves at least 1/32 of the chunk.
+            Some(c) if c.len() + plaintext.len() / 32 < plaintext.len() => (1, c),
+            _ => (0, plaintext),
+        };
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
+        out.extend_from_slice(&[CHUNK_FORMAT, mode]);
+        out.extend_from_slice(body);
+        let aad = aad(id, [CHUNK_FORMAT, mode]);
+        let tag = self
+            .chunk_key(id)
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(&aad), &mut out[HEADER_LEN..])
+            .expect("AES-GCM sealing of an in-memory buffer cannot fail");
+        out.extend_from_slice(tag.as_ref());
+        out
+    }
+
+    /// Decrypts, decompresses and checks that the plaintext hashes to `id`.
+    pub fn open(&self, id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, CryptoError> {
+        let tampered = |detail: &str| CryptoError::Tampered { id: *id, detail: detail.to_string() };
+        if stored.len() > MAX_STORED_CHUNK {
+            return Err(CryptoError::TooLarge { id: *id, len: stored.len(), max: MAX_STORED_CHUNK });
+        }
+        if stored.len() < HEADER_LEN + TAG_LEN {
+            return Err(tampered("shorter than header and tag"));
+        }
+        let header = [stored[0], stored[1]];
+        if header[0] != CHUNK_FORMAT {
+            return Err(tampered(&format!("unknown chunk format {}", header[0])));
+        }
+        let mut body = stored[HEADER_LEN..].to_vec();
+        let aad = aad(id, header);
+        let plain_len = self
+            .chunk_key(id)
+            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(&aad), &mut body)
+            .map_err(|_| tampered("authentication tag does not verify"))?
+            .len();
+        body.truncate(plain_len);
+        let plaintext = match header[1] {
+            0 => body,
+            1 => zstd::bulk::decompress(&body, MAX_CHUNK_SIZE as usize).map_err(|e| tampered(&format!("zstd: {e}")))?,
+            m => return Err(tampered(&format!("unknown compression {m}"))),
+        };
+        if self.chunk_id(&plaintext) != *id {
+            return Err(tampered("plaintext does not hash to its id"));
+        }
+        Ok(plaintext)
+    }
+}
+
+fn aad(id: &ChunkId, header: [u8; 2]) -> [u8; 34] {
+    let mut a = [0u8; 34];
+    a[..32].copy_from_slice(&id.0);
+    a[32..].copy_from_slice(&header);
+    a
+}
+
+/// SHA-256 of a whole file, streamed.
+pub struct FileHasher(ring::digest::Context);
+
+impl Default for FileHasher {
+    fn default() -> Self {
+        FileHasher(ring::digest::Context::new(&ring::digest::SHA256))
+    }
+}
+
+impl FileHasher {
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
+    }
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    let mut h = FileHasher::default();
+    h.update(data);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cipher() -> ChunkCipher {
+        ChunkCipher::new(&SecretKey::from_bytes([1; 32]), &SecretKey::from_bytes([2; 32]))
+    }
+
+    #[test]
+    fn compressible_chunks_shrink_and_random_ones_stay_raw() {
+        let c = cipher();
+        let text = b"the quick brown fox jumps over the lazy dog. ".repeat(2000);
+        let id = c.chunk_id(&text);
+        let sealed = c.seal(&id, &text);
+        assert_eq!(sealed[1], 1);
+        assert!(sealed.len() < text.len() / 10);
+        assert_eq!(c.open(&id, &sealed).unwrap(), text);
+
+        let random: Vec<u8> = (0..1600u32).flat_map(|i| sha256(&i.to_le_bytes())).collect();
+        let id = c.chunk_id(&random);
+        let sealed = c.seal(&id, &random);
+        assert_eq!(sealed[1], 0);
+        assert_eq!(sealed.len(), random.len() + HEADER_LEN + TAG_LEN);
+    }
+
+    #[test]
+    fn ids_are_keyed() {
+        let a = cipher();
+        let b = ChunkCipher::new(&SecretKey::from_bytes([9; 32]), &SecretKey::from_bytes([2; 32]));
+        assert_ne!(a.chunk_id(b"x"), b.chunk_id(b"x"));
+        assert_ne!(a.chunk_id(b"x").0, sha256(b"x"));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        let c = cipher();
+        let data = b"some chunk".repeat(10);
+        let id = c.chunk_id(&data);
+        let sealed = c.seal(&id, &data);
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x40;
+            let err = c.open(&id, &bad).unwrap_err();
+            assert!(err.to_string().contains(&id.to_hex()), "{err}");
+        }
+        let other = c.chunk_id(b"other");
+        assert!(c.open(&other, &sealed).is_err(), "a chunk presented under another id must fail");
+    }
+
+    #[test]
+    fn wrong_key_fails() {
+        let c = cipher();
+        let d = ChunkCipher::new(&SecretKey::from_bytes([1; 32]), &SecretKey::from_bytes([3; 32]));
+        let id = c.chunk_id(b"hello");
+        assert!(matches!(d.open(&id, &c.seal(&id, b"hello")), Err(CryptoError::Tampered { .. })));
+    }
+
+    #[test]
+    fn keys_do_not_print() {
+        let k = SecretKey::from_bytes([7; 32]);
+        assert_eq!(format!("{k:?}"), "SecretKey(..)");
+    }
+
+    proptest! {
+        #[test]
+        fn seal_open_round_trip(data in proptest::collection::vec(any::<u8>(), 0..20_000)) {
+            let c = cipher();
+            let id = c.chunk_id(&data);
+            let sealed = c.seal(&id, &data);
+            prop_assert_eq!(c.open(&id, &sealed).unwrap(), data);
+        }
+    }
+}

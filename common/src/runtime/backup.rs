@@ -1,0 +1,511 @@
+//! The streaming backup pipeline.
+//!
+//! ```text
+//! reader thread ──(chunk, permit)──▶ id workers ──▶ dedup batcher ──missing──▶ seal workers ──▶ uploader
+//!  read+SHA-256+CDC     cap 8      HMAC (ordered)  FindMissingChunks         zstd+AES-GCM     one stream,
+//!                                   cap 64          cap 16                    cap 16           per-chunk acks
+//! ```
+//!
+//! Every chunk holds a permit from a byte-counting semaphore (the memory budget) from the
+//! moment it is read until the coordinator acknowledges it (or it is found to be stored
+//! already), so a slow coordinator stalls the reader instead of filling memory. CPU work
+//! runs on blocking threads, never on the runtime's workers.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Read;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use coffer_proto::v1 as pb;
+use futures::StreamExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::SourceError;
+use super::client::{ClientError, Coordinator, SignedManifest};
+use super::progress::Progress;
+use crate::chunker::{Chunker, ChunkerParams};
+use crate::crypto::{ChunkCipher, ChunkId, FileHasher};
+use crate::identity::AgentIdentity;
+use crate::keyring::Keyring;
+use crate::manifest::{ChunkRef, FileEntry, MANIFEST_FORMAT, Manifest};
+use crate::signing::MANIFEST_NAMESPACE;
+
+/// Chunk ids per FindMissingChunks call.
+const DEDUP_BATCH: usize = 512;
+const READ_BUFFER: usize = 1 << 20;
+const CHUNK_CHANNEL: usize = 8;
+const ID_CHANNEL: usize = 64;
+const SEAL_CHANNEL: usize = 16;
+const UPLOAD_CHANNEL: usize = 16;
+
+#[derive(Debug, Clone, Copy)]
+pub struct PipelineOptions {
+    /// Bytes of chunk data in flight between reading and acknowledgement.
+    pub memory_budget: usize,
+    /// Parallel CPU workers for ids and sealing.
+    pub workers: usize,
+    pub quiet: bool,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            memory_budget: 64 << 20,
+            workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
+            quiet: false,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct BackupStats {
+    pub bytes_read: AtomicU64,
+    pub chunks: AtomicU64,
+    pub new_chunks: AtomicU64,
+    pub new_plain_bytes: AtomicU64,
+    pub uploaded_bytes: AtomicU64,
+}
+
+struct Pending {
+    id: ChunkId,
+    chunk: Bytes,
+    permit: OwnedSemaphorePermit,
+}
+
+struct Sealed {
+    id: ChunkId,
+    data: Vec<u8>,
+    permit: OwnedSemaphorePermit,
+}
+
+type Stage = JoinHandle<Result<(), ClientError>>;
+
+/// One backup in progress: files go in, a signed manifest is committed at the end.
+pub struct BackupSink {
+    coord: Coordinator,
+    asset: String,
+    kind: String,
+    snapshot: String,
+    started: SystemTime,
+    previous: Option<SignedManifest>,
+    cipher: Arc<ChunkCipher>,
+    params: ChunkerParams,
+    seed: u64,
+    budget: Arc<Semaphore>,
+    opts: PipelineOptions,
+    files: Vec<FileEntry>,
+    id_tx: Option<mpsc::Sender<Pending>>,
+    stages: Vec<Stage>,
+    stats: Arc<BackupStats>,
+    progress: Progress,
+}
+
+impl BackupSink {
+    /// Opens a backup of `asset` on the coordinator and starts the pipeline stages.
+    pub async fn begin(
+        coord: &Coordinator,
+        keyring: &Keyring,
+        asset: &str,
+        kind: &str,
+        opts: PipelineOptions,
+    ) -> Result<BackupSink, ClientError> {
+        let begun = coord
+            .retry
+            .run("BeginBackup", || {
+                let mut c = coord.raw();
+                let req = pb::BeginBackupRequest { asset: asset.to_string(), kind: kind.to_string() };
+                async move { c.begin_backup(req).await }
+            })
+            .await
+            .map_err(ClientError::rpc("BeginBackup"))?
+            .into_inner();
+        let params = begun
+            .chunker
+            .map(|c| ChunkerParams { min_size: c.min_size, avg_size: c.avg_size, max_size: c.max_size })
+            .ok_or_else(|| ClientError::Protocol("BeginBackup returned no chunker parameters".into()))?;
+        params.validate().map_err(ClientError::Protocol)?;
+        let budget_floor = 2 * params.max_size as usize;
+        let opts = PipelineOptions { memory_budget: opts.memory_budget.max(budget_floor), ..opts };
+        let previous = coord.manifest(asset, "latest").await?;
+        let stats = Arc::new(BackupStats::default());
+        let cipher = Arc::new(keyring.cipher());
+
+        let (id_tx, id_rx) = mpsc::channel(ID_CHANNEL);
+        let (seal_tx, seal_rx) = mpsc::channel(SEAL_CHANNEL);
+        let (up_tx, up_rx) = mpsc::channel(UPLOAD_CHANNEL);
+        let stages = vec![
+            tokio::spawn(dedup_stage(coord.clone(), asset.to_string(), id_rx, seal_tx, stats.clone())),
+            tokio::spawn(seal_stage(cipher.clone(), seal_rx, up_tx, opts.workers)),
+            tokio::spawn(upload_stage(coord.clone(), begun.snapshot_id.clone(), up_rx, stats.clone())),
+        ];
+        tracing::info!(asset, snapshot = %begun.snapshot_id, incremental_from = previous.as_ref().map(|p| p.info.id.as_str()), "backup started");
+        Ok(BackupSink {
+            coord: coord.clone(),
+            asset: asset.to_string(),
+            kind: kind.to_string(),
+            snapshot: begun.snapshot_id,
+            started: crate::time::now(),
+            previous,
+            cipher,
+            params,
+            seed: keyring.chunker_seed(),
+            budget: Arc::new(Semaphore::new(opts.memory_budget)),
+            opts,
+            files: Vec::new(),
+            id_tx: Some(id_tx),
+            stages,
+            stats,
+            progress: Progress::start("backup", None, opts.quiet),
+        })
+    }
+
+    pub fn snapshot_id(&self) -> &str {
+        &self.snapshot
+    }
+
+    pub fn asset(&self) -> &str {
+        &self.asset
+    }
+
+    /// The asset's newest snapshot before this one, for incremental sources.
+    pub fn previous(&self) -> Option<&SignedManifest> {
+        self.previous.as_ref()
+    }
+
+    pub fn stats(&self) -> &BackupStats {
+        &self.stats
+    }
+
+    pub fn files(&self) -> &[FileEntry] {
+        &self.files
+    }
+
+    /// Streams one file through the pipeline (reads happen on a blocking thread).
+    pub async fn add_file<R: Read + Send + 'static>(
+        &mut self,
+        path: &str,
+        reader: R,
+    ) -> Result<&FileEntry, SourceError> {
+        if !crate::manifest::is_safe_relative_path(path) || self.files.iter().any(|f| f.path == path) {
+            return Err(SourceError::Failed(format!("invalid or duplicate file path {path:?} in snapshot")));
+        }
+        let id_tx = self.id_tx.clone().ok_or_else(|| SourceError::Failed("backup already finished".into()))?;
+        let (chunk_tx, chunk_rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(CHUNK_CHANNEL);
+        let (params, seed, budget, progress) = (self.params, self.seed, self.budget.clone(), self.progress.clone());
+        let stats = self.stats.clone();
+        let handle = tokio::runtime::Handle::current();
+        let reader_path = path.to_string();
+        let reader_task = tokio::task::spawn_blocking(move || {
+            read_and_chunk(reader, params, seed, &budget, &chunk_tx, &handle, &progress, &stats)
+                .map_err(SourceError::io(format!("reading {reader_path}")))
+        });
+
+        let cipher = self.cipher.clone();
+        let mut ids = ReceiverStream::new(chunk_rx)
+            .map(|(chunk, permit)| {
+                let cipher = cipher.clone();
+                tokio::task::spawn_blocking(move || (cipher.chunk_id(&chunk), chunk, permit))
+            })
+            .buffered(self.opts.workers);
+        let mut chunks = Vec::new();
+        let mut stopped = false;
+        while let Some(r) = ids.next().await {
+            let (id, chunk, permit) = r.map_err(|e| SourceError::Failed(format!("chunk id worker: {e}")))?;
+            chunks.push(ChunkRef(id, chunk.len() as u32));
+            if id_tx.send(Pending { id, chunk, permit }).await.is_err() {
+                stopped = true;
+                break;
+            }
+        }
+        drop(ids);
+        if stopped {
+            return Err(self.stage_failure().await);
+        }
+        let (size, sha) = reader_task.await.map_err(|e| SourceError::Failed(format!("reader thread: {e}")))??;
+        self.stats.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+        self.files.push(FileEntry { path: path.to_string(), size, sha256: hex::encode(sha), chunks });
+        Ok(self.files.last().expect("just pushed"))
+    }
+
+    /// Streams an in-memory file.
+    pub async fn add_bytes(&mut self, path: &str, data: Vec<u8>) -> Result<&FileEntry, SourceError> {
+        self.add_file(path, std::io::Cursor::new(data)).await
+    }
+
+    /// Includes a file of an earlier snapshot unchanged (its chunks are already stored;
+    /// the coordinator checks that at commit).
+    pub fn reuse_file(&mut self, entry: FileEntry) -> Result<(), SourceError> {
+        if self.files.iter().any(|f| f.path == entry.path) {
+            return Err(SourceError::Failed(format!("duplicate file path {:?} in snapshot", entry.path)));
+        }
+        self.stats.chunks.fetch_add(entry.chunks.len() as u64, Ordering::Relaxed);
+        self.files.push(entry);
+        Ok(())
+    }
+
+    /// A stage ended early: returns the error that stopped it.
+    async fn stage_failure(&mut self) -> SourceError {
+        self.id_tx = None;
+        for stage in std::mem::take(&mut self.stages) {
+            match stage.await {
+                Ok(Err(e)) => return e.into(),
+                Err(e) => return SourceError::Failed(format!("pipeline stage: {e}")),
+                Ok(Ok(())) => {}
+            }
+        }
+        SourceError::Failed("pipeline stopped".into())
+    }
+
+    /// Drains the pipeline, signs the manifest and commits it. The snapshot is visible once
+    /// this returns.
+    pub async fn commit(
+        mut self,
+        identity: &AgentIdentity,
+        source: BTreeMap<String, serde_json::Value>,
+    ) -> Result<pb::SnapshotInfo, SourceError> {
+        self.id_tx = None;
+        for stage in std::mem::take(&mut self.stages) {
+            stage.await.map_err(|e| SourceError::Failed(format!("pipeline stage: {e}")))??;
+        }
+        self.progress.finish();
+        let manifest = Manifest {
+            format: MANIFEST_FORMAT,
+            snapshot: self.snapshot.clone(),
+            asset: self.asset.clone(),
+            kind: self.kind.clone(),
+            agent: self.coord.agent_name().to_string(),
+            agent_version: crate::VERSION.to_string(),
+            started_at: crate::time::rfc3339(self.started),
+            finished_at: crate::time::rfc3339(crate::time::now()),
+            chunker: self.params.into(),
+            source,
+            files: std::mem::take(&mut self.files),
+        };
+        manifest.validate().map_err(|e| SourceError::Failed(e.to_string()))?;
+        let bytes = manifest.encode();
+        let signature = identity.signer().sign(MANIFEST_NAMESPACE, &bytes);
+        let info = self
+            .coord
+            .retry
+            .run("CommitBackup", || {
+                let mut c = self.coord.raw();
+                let req = pb::CommitBackupRequest {
+                    snapshot_id: self.snapshot.clone(),
+                    manifest: bytes.clone(),
+                    signature: signature.clone(),
+                };
+                async move { c.commit_backup(req).await }
+            })
+            .await
+            .map_err(ClientError::rpc("CommitBackup"))?
+            .into_inner()
+            .snapshot
+            .ok_or_else(|| ClientError::Protocol("CommitBackup returned no snapshot".into()))?;
+        let elapsed = self.progress.elapsed().as_secs_f64();
+        tracing::info!(
+            asset = %self.asset,
+            snapshot = %info.id,
+            size = info.size,
+            new_bytes = info.new_bytes,
+            seconds = format!("{elapsed:.2}"),
+            mb_per_s = format!("{:.1}", info.size as f64 / elapsed.max(1e-6) / 1e6),
+            "backup committed"
+        );
+        Ok(info)
+    }
+
+    /// Abandons the backup: nothing becomes visible; stored chunks remain for the next try.
+    pub async fn abort(mut self, reason: &str) {
+        self.id_tx = None;
+        for stage in std::mem::take(&mut self.stages) {
+            stage.abort();
+        }
+        self.progress.finish();
+        let mut c = self.coord.raw();
+        let req = pb::AbortBackupRequest { snapshot_id: self.snapshot.clone(), reason: reason.to_string() };
+        if let Err(e) = c.abort_backup(req).await {
+            tracing::warn!(snapshot = %self.snapshot, "could not abort the backup on the coordinator: {}", e.message());
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn read_and_chunk<R: Read>(
+    mut reader: R,
+    params: ChunkerParams,
+    seed: u64,
+    budget: &Arc<Semaphore>,
+    tx: &mpsc::Sender<(Bytes, OwnedSemaphorePermit)>,
+    handle: &tokio::runtime::Handle,
+    progress: &Progress,
+    stats: &BackupStats,
+) -> std::io::Result<(u64, [u8; 32])> {
+    let mut chunker = Chunker::new(params, seed);
+    let mut hasher = FileHasher::default();
+    let mut buf = vec![0u8; READ_BUFFER];
+    let mut size = 0u64;
+    let stopped = || std::io::Error::other("backup pipeline stopped");
+    let emit = |chunk: Bytes| -> std::io::Result<()> {
+        let permit = handle.block_on(budget.clone().acquire_many_owned(chunk.len() as u32)).map_err(|_| stopped())?;
+        tx.blocking_send((chunk, permit)).map_err(|_| stopped())
+    };
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        size += n as u64;
+        progress.add(n as u64);
+        stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        hasher.update(&buf[..n]);
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let (used, chunk) = chunker.push(rest);
+            rest = &rest[used..];
+            if let Some(c) = chunk {
+                emit(c)?;
+            }
+        }
+    }
+    while let Some(c) = chunker.finish() {
+        emit(c)?;
+    }
+    Ok((size, hasher.finish()))
+}
+
+/// Batches ids, asks the coordinator which are missing, forwards only those (once each).
+async fn dedup_stage(
+    coord: Coordinator,
+    asset: String,
+    mut rx: mpsc::Receiver<Pending>,
+    tx: mpsc::Sender<Pending>,
+    stats: Arc<BackupStats>,
+) -> Result<(), ClientError> {
+    let mut queued: HashSet<ChunkId> = HashSet::new();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < DEDUP_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let mut ask: Vec<Vec<u8>> = batch.iter().filter(|p| !queued.contains(&p.id)).map(|p| p.id.0.to_vec()).collect();
+        ask.sort_unstable();
+        ask.dedup();
+        let missing: HashSet<Vec<u8>> = if ask.is_empty() {
+            HashSet::new()
+        } else {
+            coord
+                .retry
+                .run("FindMissingChunks", || {
+                    let mut c = coord.raw();
+                    let req = pb::FindMissingChunksRequest { asset: asset.clone(), ids: ask.clone() };
+                    async move { c.find_missing_chunks(req).await }
+                })
+                .await
+                .map_err(ClientError::rpc("FindMissingChunks"))?
+                .into_inner()
+                .missing
+                .into_iter()
+                .collect()
+        };
+        for p in batch {
+            if missing.contains(p.id.0.as_slice()) && queued.insert(p.id) {
+                stats.new_chunks.fetch_add(1, Ordering::Relaxed);
+                stats.new_plain_bytes.fetch_add(p.chunk.len() as u64, Ordering::Relaxed);
+                if tx.send(p).await.is_err() {
+                    return Ok(()); // the seal stage stopped; its error is reported there
+                }
+            }
+            // Chunks already stored drop here, releasing their memory permit.
+        }
+    }
+    Ok(())
+}
+
+async fn seal_stage(
+    cipher: Arc<ChunkCipher>,
+    rx: mpsc::Receiver<Pending>,
+    tx: mpsc::Sender<Sealed>,
+    workers: usize,
+) -> Result<(), ClientError> {
+    let mut sealed = ReceiverStream::new(rx)
+        .map(|p| {
+            let cipher = cipher.clone();
+            tokio::task::spawn_blocking(move || Sealed {
+                data: cipher.seal(&p.id, &p.chunk),
+                id: p.id,
+                permit: p.permit,
+            })
+        })
+        .buffer_unordered(workers);
+    while let Some(s) = sealed.next().await {
+        let s = s.map_err(|e| ClientError::Protocol(format!("seal worker: {e}")))?;
+        if tx.send(s).await.is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Holds the upload stream; releases each chunk's permit when its acknowledgement arrives.
+async fn upload_stage(
+    coord: Coordinator,
+    snapshot: String,
+    mut rx: mpsc::Receiver<Sealed>,
+    stats: Arc<BackupStats>,
+) -> Result<(), ClientError> {
+    let (frame_tx, frame_rx) = mpsc::channel::<pb::UploadChunksRequest>(4);
+    frame_tx
+        .send(pb::UploadChunksRequest { snapshot_id: snapshot.clone(), id: Vec::new(), data: Vec::new() })
+        .await
+        .map_err(|_| ClientError::Protocol("upload stream closed".into()))?;
+    let mut acks = coord
+        .raw()
+        .upload_chunks(ReceiverStream::new(frame_rx))
+        .await
+        .map_err(ClientError::rpc("UploadChunks"))?
+        .into_inner();
+    let inflight: Arc<Mutex<HashMap<ChunkId, OwnedSemaphorePermit>>> = Arc::default();
+
+    let acked = inflight.clone();
+    let failed = tokio_util::sync::CancellationToken::new();
+    let ack_failed = failed.clone();
+    let ack_task = tokio::spawn(async move {
+        let _cancel_on_exit = ack_failed.drop_guard();
+        loop {
+            match acks.message().await {
+                Ok(Some(ack)) if ack.sealed => return Ok(ack.bytes_stored),
+                Ok(Some(ack)) => {
+                    let id = ChunkId::from_slice(&ack.id)
+                        .ok_or_else(|| ClientError::Protocol("acknowledgement with a malformed id".into()))?;
+                    acked.lock().expect("inflight lock").remove(&id);
+                }
+                Ok(None) => return Err(ClientError::Protocol("upload stream ended before the pack was sealed".into())),
+                Err(status) => return Err(ClientError::Rpc { call: "UploadChunks", status }),
+            }
+        }
+    });
+
+    while let Some(s) = rx.recv().await {
+        inflight.lock().expect("inflight lock").insert(s.id, s.permit);
+        let frame = pb::UploadChunksRequest { snapshot_id: String::new(), id: s.id.0.to_vec(), data: s.data };
+        tokio::select! {
+            sent = frame_tx.send(frame) => if sent.is_err() { break },
+            // The stream failed (or ended early); the ack task has the reason.
+            _ = failed.cancelled() => break,
+        }
+    }
+    drop(frame_tx);
+    drop(rx);
+    let stored = ack_task.await.map_err(|e| ClientError::Protocol(format!("ack task: {e}")))??;
+    stats.uploaded_bytes.store(stored, Ordering::Relaxed);
+    Ok(())
+}

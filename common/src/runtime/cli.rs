@@ -1,0 +1,181 @@
+//! What every agent binary shares: the common flags, connecting with keys and keyring, and
+//! the `backup`, `restore` and `list` commands driven through the [`Source`] trait.
+
+use std::path::{Path, PathBuf};
+
+use coffer_proto::v1 as pb;
+
+use super::backup::{BackupSink, PipelineOptions};
+use super::client::{ClientError, Coordinator};
+use super::restore::{RestoreOptions, SnapshotReader};
+use super::{Source, SourceError};
+use crate::identity::AgentIdentity;
+use crate::keyring::Keyring;
+use crate::telemetry::LogFormat;
+use crate::tls::ClientTls;
+use crate::units::{format_size, parse_size};
+
+/// Flags every agent takes (also `COFFER_*` variables and config file keys).
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Config file (TOML); keys are the flag names without dashes in front.
+    #[arg(long, global = true, env = "COFFER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Coordinator URL.
+    #[arg(long, global = true, env = "COFFER_COORDINATOR", default_value = "https://127.0.0.1:7443")]
+    pub coordinator: String,
+    /// CA certificate (PEM) that signed the coordinator's certificate.
+    #[arg(long, global = true, env = "COFFER_CA", default_value = "coffer-data/certs/ca.pem")]
+    pub ca: PathBuf,
+    /// This agent's client certificate (PEM), URI SAN spiffe://coffer/agent/NAME.
+    #[arg(long, global = true, env = "COFFER_CERT", default_value = "coffer-data/certs/agent-dev.pem")]
+    pub cert: PathBuf,
+    /// Private key of the client certificate (PEM).
+    #[arg(long, global = true, env = "COFFER_KEY", default_value = "coffer-data/certs/agent-dev.key")]
+    pub key: PathBuf,
+    /// age identity file: opens the asset keyring and derives the manifest-signing key.
+    /// Created (mode 0600) if missing.
+    #[arg(long, global = true, env = "COFFER_IDENTITY", default_value = "coffer-agent-identity.txt")]
+    pub identity: PathBuf,
+    /// Asset name, `kind/name`.
+    #[arg(long, global = true, env = "COFFER_ASSET")]
+    pub asset: Option<String>,
+    /// Extra age recipients every new keyring is wrapped to (offline recovery).
+    #[arg(long, global = true, env = "COFFER_RECOVERY_RECIPIENT", value_delimiter = ',')]
+    pub recovery_recipient: Vec<String>,
+    /// Bytes of chunk data in flight (reading to acknowledgement).
+    #[arg(long, global = true, env = "COFFER_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_size)]
+    pub memory_budget: u64,
+    /// Parallel download streams during restore.
+    #[arg(long, global = true, env = "COFFER_RESTORE_PARALLEL", default_value_t = 4)]
+    pub restore_parallel: usize,
+    #[arg(long, global = true, env = "COFFER_LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+    /// No progress bar.
+    #[arg(long, global = true, env = "COFFER_QUIET")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    #[error("--asset is required (kind/name, e.g. {kind}/main)")]
+    NoAsset { kind: &'static str },
+    #[error("asset {asset:?} is not a valid {kind} asset name (expected {kind}/NAME, lowercase)")]
+    BadAsset { asset: String, kind: &'static str },
+    #[error("{0}")]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+/// A connected agent: coordinator session, identity, asset and its keyring.
+pub struct AgentContext {
+    pub coord: Coordinator,
+    pub identity: AgentIdentity,
+    pub asset: String,
+    pub keyring: Keyring,
+    pub args: AgentArgs,
+}
+
+impl AgentArgs {
+    pub fn asset(&self, kind: &'static str) -> Result<String, CliError> {
+        let asset = self.asset.clone().ok_or(CliError::NoAsset { kind })?;
+        if !crate::manifest::is_valid_asset_name(&asset) || !asset.starts_with(&format!("{kind}/")) {
+            return Err(CliError::BadAsset { asset, kind });
+        }
+        Ok(asset)
+    }
+
+    pub fn pipeline(&self) -> PipelineOptions {
+        PipelineOptions { memory_budget: self.memory_budget as usize, quiet: self.quiet, ..Default::default() }
+    }
+
+    pub fn restore_options(&self) -> RestoreOptions {
+        RestoreOptions { parallel: self.restore_parallel.max(1), quiet: self.quiet, ..Default::default() }
+    }
+
+    /// Loads (or creates) the identity, connects, registers and opens the asset keyring.
+    pub async fn connect(&self, kind: &'static str) -> Result<AgentContext, CliError> {
+        let asset = self.asset(kind)?;
+        let (identity, created) = AgentIdentity::load_or_create(&self.identity, &format!("coffer agent {kind}"))?;
+        if created {
+            eprintln!(
+                "created identity {} (age recipient {}); keep a copy offline",
+                self.identity.display(),
+                identity.recipient()
+            );
+        } else if let Some(w) = crate::identity::permission_warning(&self.identity) {
+            tracing::warn!("{w}");
+        }
+        let tls = ClientTls { url: &self.coordinator, ca: &self.ca, cert: &self.cert, key: &self.key };
+        let coord = Coordinator::connect(&tls, &identity, &[kind]).await?;
+        let keyring = coord.keyring(&asset, &identity, &self.recovery_recipient).await?;
+        Ok(AgentContext { coord, identity, asset, keyring, args: self.clone() })
+    }
+}
+
+/// One backup: begin, let the source stream into the sink, commit; abort on any failure so
+/// nothing partial becomes visible.
+pub async fn backup<S: Source>(ctx: &AgentContext, source: &S) -> Result<pb::SnapshotInfo, CliError> {
+    let mut sink = BackupSink::begin(&ctx.coord, &ctx.keyring, &ctx.asset, source.kind(), ctx.args.pipeline()).await?;
+    match source.backup(&mut sink).await {
+        Ok(meta) => Ok(sink.commit(&ctx.identity, meta).await?),
+        Err(e) => {
+            sink.abort(&e.to_string()).await;
+            Err(e.into())
+        }
+    }
+}
+
+/// Restore a snapshot into `to`, then verify it with the source's own check.
+pub async fn restore<S: Source>(ctx: &AgentContext, source: &S, snapshot: &str, to: &Path) -> Result<(), CliError> {
+    let reader =
+        SnapshotReader::open(&ctx.coord, &ctx.keyring, &ctx.asset, snapshot, ctx.args.restore_options()).await?;
+    source.restore(&reader, to).await?;
+    reader.finish();
+    let secs = reader.progress().elapsed().as_secs_f64();
+    let bytes = reader.progress().bytes();
+    let report = source.verify(reader.manifest(), to).await?;
+    for c in &report.checks {
+        eprintln!("  ok: {c}");
+    }
+    if !report.ok {
+        return Err(SourceError::Failed(format!(
+            "restored {} from snapshot {} but verification failed: {}",
+            to.display(),
+            reader.manifest().snapshot,
+            report.problems.join("; ")
+        ))
+        .into());
+    }
+    println!(
+        "restored snapshot {} of {} to {} ({} in {:.1}s, {:.0} MB/s), verified",
+        reader.manifest().snapshot,
+        ctx.asset,
+        to.display(),
+        format_size(bytes),
+        secs,
+        bytes as f64 / secs.max(1e-6) / 1e6
+    );
+    Ok(())
+}
+
+/// Prints the asset's snapshots, newest first.
+pub async fn list(ctx: &AgentContext) -> Result<(), CliError> {
+    let snaps = ctx.coord.list_snapshots(&ctx.asset, 0).await?;
+    println!("{:<26} {:<21} {:>12} {:>12} {:>7}", "SNAPSHOT", "TIME", "SIZE", "NEW", "FILES");
+    for s in snaps {
+        println!(
+            "{:<26} {:<21} {:>12} {:>12} {:>7}",
+            s.id,
+            s.finished_at,
+            format_size(s.size),
+            format_size(s.new_bytes),
+            s.files
+        );
+    }
+    Ok(())
+}

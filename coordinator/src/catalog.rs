@@ -1,0 +1,473 @@
+//! The catalog: assets, agents, packs, chunk locations, backups in flight and snapshots, in
+//! SQLite (WAL, synchronous=FULL). It is a cache of the repository: everything in it can be
+//! rebuilt from the repository's files (see `server::reconcile`). Queries are plain SQL that
+//! PostgreSQL also accepts, so a shared catalog can follow.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use coffer_common::crypto::ChunkId;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use crate::store::pack::{Entry, SealedPack};
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS assets (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        created_at INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS agents (
+        name TEXT PRIMARY KEY,
+        signing_key TEXT NOT NULL,
+        age_recipient TEXT NOT NULL,
+        version TEXT NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS packs (
+        id TEXT PRIMARY KEY,
+        asset_id INTEGER NOT NULL REFERENCES assets(id),
+        size INTEGER NOT NULL,
+        chunks INTEGER NOT NULL,
+        created_at INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS chunks (
+        asset_id INTEGER NOT NULL,
+        id BLOB NOT NULL,
+        pack_id TEXT NOT NULL REFERENCES packs(id),
+        off INTEGER NOT NULL,
+        length INTEGER NOT NULL,
+        crc INTEGER NOT NULL,
+        PRIMARY KEY (asset_id, id)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS chunks_pack ON chunks(pack_id)",
+    "CREATE TABLE IF NOT EXISTS backups (
+        snapshot_id TEXT PRIMARY KEY,
+        asset_id INTEGER NOT NULL REFERENCES assets(id),
+        agent TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        bytes_stored INTEGER NOT NULL DEFAULT 0,
+        error TEXT)",
+    "CREATE TABLE IF NOT EXISTS snapshots (
+        id TEXT PRIMARY KEY,
+        asset_id INTEGER NOT NULL REFERENCES assets(id),
+        kind TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        started_at INTEGER NOT NULL,
+        finished_at INTEGER NOT NULL,
+        size INTEGER NOT NULL,
+        new_bytes INTEGER NOT NULL,
+        chunks INTEGER NOT NULL,
+        files INTEGER NOT NULL,
+        committed_at INTEGER NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS snapshots_asset ON snapshots(asset_id, id)",
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("catalog: {0}")]
+pub struct CatalogError(#[from] sqlx::Error);
+
+type Result<T> = std::result::Result<T, CatalogError>;
+
+#[derive(Clone)]
+pub struct Catalog {
+    pool: SqlitePool,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    pub name: String,
+    pub signing_key: String,
+    pub age_recipient: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupRow {
+    pub snapshot_id: String,
+    pub asset_id: i64,
+    pub asset: String,
+    pub kind: String,
+    pub agent: String,
+    pub state: String,
+    pub bytes_stored: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SnapshotRow {
+    pub id: String,
+    pub asset: String,
+    pub kind: String,
+    pub agent: String,
+    pub started_at: i64,
+    pub finished_at: i64,
+    pub size: i64,
+    pub new_bytes: i64,
+    pub chunks: i64,
+    pub files: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AssetRow {
+    pub id: i64,
+    pub name: String,
+    pub kind: String,
+    pub snapshots: i64,
+    pub latest: Option<(String, i64)>,
+    pub stored_bytes: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Location {
+    pub entry: Entry,
+}
+
+fn now() -> i64 {
+    coffer_common::time::unix_seconds(coffer_common::time::now())
+}
+
+const SNAPSHOT_COLUMNS: &str =
+    "s.id, a.name AS asset, s.kind, s.agent, s.started_at, s.finished_at, s.size, s.new_bytes, s.chunks, s.files";
+
+fn snapshot_row(r: &sqlx::sqlite::SqliteRow) -> SnapshotRow {
+    SnapshotRow {
+        id: r.get("id"),
+        asset: r.get("asset"),
+        kind: r.get("kind"),
+        agent: r.get("agent"),
+        started_at: r.get("started_at"),
+        finished_at: r.get("finished_at"),
+        size: r.get("size"),
+        new_bytes: r.get("new_bytes"),
+        chunks: r.get("chunks"),
+        files: r.get("files"),
+    }
+}
+
+impl Catalog {
+    pub async fn open(path: &Path) -> Result<Catalog> {
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
+        for stmt in SCHEMA {
+            sqlx::query(stmt).execute(&pool).await?;
+        }
+        Ok(Catalog { pool })
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    pub async fn ensure_asset(&self, name: &str, kind: &str) -> Result<i64> {
+        sqlx::query("INSERT INTO assets (name, kind, created_at) VALUES (?, ?, ?) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .bind(kind)
+            .bind(now())
+            .execute(&self.pool)
+            .await?;
+        Ok(sqlx::query("SELECT id FROM assets WHERE name = ?").bind(name).fetch_one(&self.pool).await?.get(0))
+    }
+
+    pub async fn asset_id(&self, name: &str) -> Result<Option<i64>> {
+        Ok(sqlx::query("SELECT id FROM assets WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    pub async fn agent(&self, name: &str) -> Result<Option<AgentRow>> {
+        Ok(sqlx::query("SELECT name, signing_key, age_recipient FROM agents WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| AgentRow { name: r.get(0), signing_key: r.get(1), age_recipient: r.get(2) }))
+    }
+
+    pub async fn upsert_agent(&self, name: &str, signing_key: &str, recipient: &str, version: &str) -> Result<()> {
+        let t = now();
+        sqlx::query(
+            "INSERT INTO agents (name, signing_key, age_recipient, version, first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (name) DO UPDATE SET signing_key = excluded.signing_key, age_recipient = excluded.age_recipient,
+                version = excluded.version, last_seen = excluded.last_seen",
+        )
+        .bind(name)
+        .bind(signing_key)
+        .bind(recipient)
+        .bind(version)
+        .bind(t)
+        .bind(t)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn begin_backup(&self, snapshot: &str, asset_id: i64, agent: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO backups (snapshot_id, asset_id, agent, started_at, state) VALUES (?, ?, ?, ?, 'open')",
+        )
+        .bind(snapshot)
+        .bind(asset_id)
+        .bind(agent)
+        .bind(now())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn backup(&self, snapshot: &str) -> Result<Option<BackupRow>> {
+        Ok(sqlx::query(
+            "SELECT b.snapshot_id, b.asset_id, a.name, a.kind, b.agent, b.state, b.bytes_stored
+             FROM backups b JOIN assets a ON a.id = b.asset_id WHERE b.snapshot_id = ?",
+        )
+        .bind(snapshot)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(|r| BackupRow {
+            snapshot_id: r.get(0),
+            asset_id: r.get(1),
+            asset: r.get(2),
+            kind: r.get(3),
+            agent: r.get(4),
+            state: r.get(5),
+            bytes_stored: r.get(6),
+        }))
+    }
+
+    pub async fn end_backup(&self, snapshot: &str, state: &str, error: Option<&str>) -> Result<()> {
+        sqlx::query("UPDATE backups SET state = ?, error = ? WHERE snapshot_id = ? AND state = 'open'")
+            .bind(state)
+            .bind(error)
+            .bind(snapshot)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Backups left open by a previous run can never complete: their upload streams died.
+    pub async fn abort_open_backups(&self, reason: &str) -> Result<u64> {
+        Ok(sqlx::query("UPDATE backups SET state = 'aborted', error = ? WHERE state = 'open'")
+            .bind(reason)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// Records a sealed pack and its chunks, crediting the stored bytes to `snapshot`.
+    pub async fn index_pack(&self, pack: &SealedPack, asset_id: i64, snapshot: Option<&str>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO packs (id, asset_id, size, chunks, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
+            .bind(&pack.id)
+            .bind(asset_id)
+            .bind(pack.size as i64)
+            .bind(pack.entries.len() as i64)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        for e in &pack.entries {
+            sqlx::query(
+                "INSERT INTO chunks (asset_id, id, pack_id, off, length, crc) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(asset_id)
+            .bind(e.id.0.as_slice())
+            .bind(&pack.id)
+            .bind(e.offset as i64)
+            .bind(e.length as i64)
+            .bind(e.crc as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(s) = snapshot {
+            let stored: u64 = pack.entries.iter().map(|e| e.length as u64).sum();
+            sqlx::query("UPDATE backups SET bytes_stored = bytes_stored + ? WHERE snapshot_id = ?")
+                .bind(stored as i64)
+                .bind(s)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn pack_ids(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query("SELECT id FROM packs ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Locations of the given chunks (those the catalog knows).
+    pub async fn locate(&self, asset_id: i64, ids: &[ChunkId]) -> Result<HashMap<ChunkId, (String, Entry)>> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for batch in ids.chunks(500) {
+            let marks = vec!["?"; batch.len()].join(",");
+            let sql =
+                format!("SELECT id, pack_id, off, length, crc FROM chunks WHERE asset_id = ? AND id IN ({marks})");
+            let mut q = sqlx::query(&sql).bind(asset_id);
+            for id in batch {
+                q = q.bind(id.0.as_slice());
+            }
+            for r in q.fetch_all(&self.pool).await? {
+                let raw: Vec<u8> = r.get(0);
+                let Some(id) = ChunkId::from_slice(&raw) else { continue };
+                let entry = Entry {
+                    id,
+                    offset: r.get::<i64, _>(2) as u64,
+                    length: r.get::<i64, _>(3) as u32,
+                    crc: r.get::<i64, _>(4) as u32,
+                };
+                out.insert(id, (r.get(1), entry));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn missing(&self, asset_id: i64, ids: &[ChunkId]) -> Result<Vec<ChunkId>> {
+        let found = self.locate(asset_id, ids).await?;
+        Ok(ids.iter().filter(|id| !found.contains_key(id)).copied().collect())
+    }
+
+    pub async fn insert_snapshot(&self, s: &SnapshotRow, asset_id: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO snapshots (id, asset_id, kind, agent, started_at, finished_at, size, new_bytes, chunks, files, committed_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&s.id)
+        .bind(asset_id)
+        .bind(&s.kind)
+        .bind(&s.agent)
+        .bind(s.started_at)
+        .bind(s.finished_at)
+        .bind(s.size)
+        .bind(s.new_bytes)
+        .bind(s.chunks)
+        .bind(s.files)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE backups SET state = 'committed' WHERE snapshot_id = ?")
+            .bind(&s.id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn snapshot(&self, id: &str) -> Result<Option<SnapshotRow>> {
+        let sql =
+            format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN assets a ON a.id = s.asset_id WHERE s.id = ?");
+        Ok(sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?.as_ref().map(snapshot_row))
+    }
+
+    /// Snapshots newest first; all assets when `asset` is None; `limit` 0 means no limit.
+    pub async fn snapshots(&self, asset: Option<&str>, limit: u32) -> Result<Vec<SnapshotRow>> {
+        let limit = if limit == 0 { i64::MAX } else { limit as i64 };
+        let sql = format!(
+            "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN assets a ON a.id = s.asset_id
+             WHERE (? IS NULL OR a.name = ?) ORDER BY s.id DESC LIMIT ?"
+        );
+        Ok(sqlx::query(&sql)
+            .bind(asset)
+            .bind(asset)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(snapshot_row)
+            .collect())
+    }
+
+    pub async fn assets(&self) -> Result<Vec<AssetRow>> {
+        let rows = sqlx::query(
+            "SELECT a.id, a.name, a.kind,
+                (SELECT COUNT(*) FROM snapshots s WHERE s.asset_id = a.id),
+                (SELECT s.id FROM snapshots s WHERE s.asset_id = a.id ORDER BY s.id DESC LIMIT 1),
+                (SELECT s.finished_at FROM snapshots s WHERE s.asset_id = a.id ORDER BY s.id DESC LIMIT 1),
+                (SELECT COALESCE(SUM(p.size), 0) FROM packs p WHERE p.asset_id = a.id)
+             FROM assets a ORDER BY a.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let latest: Option<String> = r.get(4);
+                let at: Option<i64> = r.get(5);
+                AssetRow {
+                    id: r.get(0),
+                    name: r.get(1),
+                    kind: r.get(2),
+                    snapshots: r.get(3),
+                    latest: latest.zip(at),
+                    stored_bytes: r.get(6),
+                }
+            })
+            .collect())
+    }
+
+    /// Every stored chunk of a pack, with its asset name (for verification).
+    pub async fn pack_asset(&self, pack_id: &str) -> Result<Option<String>> {
+        Ok(sqlx::query("SELECT a.name FROM packs p JOIN assets a ON a.id = p.asset_id WHERE p.id = ?")
+            .bind(pack_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.get(0)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn packs_chunks_and_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("catalog.db")).await.unwrap();
+        let a = c.ensure_asset("git/a", "git").await.unwrap();
+        assert_eq!(c.ensure_asset("git/a", "git").await.unwrap(), a);
+        c.begin_backup("20261124T000000Z-00000001", a, "git-1").await.unwrap();
+        let pack = SealedPack {
+            id: "ab".repeat(16),
+            asset: "git/a".into(),
+            size: 100,
+            entries: vec![Entry { id: ChunkId([1; 32]), offset: 10, length: 20, crc: 5 }],
+        };
+        c.index_pack(&pack, a, Some("20261124T000000Z-00000001")).await.unwrap();
+        let missing = c.missing(a, &[ChunkId([1; 32]), ChunkId([2; 32])]).await.unwrap();
+        assert_eq!(missing, vec![ChunkId([2; 32])]);
+        let other = c.ensure_asset("git/b", "git").await.unwrap();
+        assert_eq!(c.missing(other, &[ChunkId([1; 32])]).await.unwrap().len(), 1, "chunks are per asset");
+        let b = c.backup("20261124T000000Z-00000001").await.unwrap().unwrap();
+        assert_eq!((b.state.as_str(), b.bytes_stored), ("open", 20));
+        assert_eq!(c.abort_open_backups("restart").await.unwrap(), 1);
+        let row = SnapshotRow {
+            id: "20261124T000000Z-00000002".into(),
+            asset: "git/a".into(),
+            kind: "git".into(),
+            agent: "git-1".into(),
+            started_at: 1,
+            finished_at: 2,
+            size: 3,
+            new_bytes: 4,
+            chunks: 1,
+            files: 1,
+        };
+        c.insert_snapshot(&row, a).await.unwrap();
+        assert_eq!(c.snapshots(Some("git/a"), 0).await.unwrap().len(), 1);
+        assert_eq!(c.snapshots(None, 0).await.unwrap().len(), 1);
+        assert!(c.snapshots(Some("git/b"), 0).await.unwrap().is_empty());
+        let assets = c.assets().await.unwrap();
+        assert_eq!(assets[0].latest.as_ref().unwrap().0, row.id);
+        assert_eq!(assets[0].stored_bytes, 100);
+    }
+}

@@ -1,0 +1,272 @@
+//! Coordinator configuration: a TOML file whose keys mirror the `serve` flags, plus the
+//! access grants, chunker parameters and freshness policy. Unknown keys are errors, and
+//! `validate` reports every problem at once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use coffer_common::chunker::ChunkerParams;
+use coffer_common::telemetry::LogFormat;
+use coffer_common::units::{serde_duration, serde_size};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<String>,
+    pub log_format: Option<LogFormat>,
+    /// Server certificate, key and the CA that client certificates must chain to.
+    /// Default: `DATA_DIR/certs/{coordinator.pem,coordinator.key,ca.pem}`, generated with a
+    /// development CA on first start when none exist.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    /// Every keyring is also wrapped to these age recipients (offline recovery).
+    #[serde(default)]
+    pub recovery_recipients: Vec<String>,
+    /// Target size of a pack before it is sealed.
+    #[serde(default = "default_pack_size", with = "serde_size")]
+    pub pack_size: u64,
+    /// Backups are refused while the data directory has less free space than this.
+    #[serde(default = "default_min_free", with = "serde_size")]
+    pub min_free_space: u64,
+    /// Grace period for in-flight calls at shutdown.
+    #[serde(default = "default_grace", with = "serde_duration")]
+    pub shutdown_grace: Duration,
+    /// Agents by name (the NAME of spiffe://coffer/agent/NAME).
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentGrant>,
+    /// Admin names allowed to use the admin service; empty allows every admin certificate
+    /// issued by the CA.
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Chunker parameters per asset kind (default: 64 KiB / 256 KiB / 1 MiB).
+    #[serde(default)]
+    pub chunker: BTreeMap<String, ChunkerConfig>,
+    /// Expected interval between recovery points per asset kind (or full asset name); an
+    /// asset whose newest recovery point is older than twice this is stale.
+    #[serde(default)]
+    pub frequency: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AgentGrant {
+    /// Asset patterns this agent may write and read; `*` matches any run of characters.
+    pub assets: Vec<String>,
+    /// Pins the agent's manifest-signing key (OpenSSH line); otherwise the first key the
+    /// agent presents is registered and later ones must match it.
+    pub signing_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChunkerConfig {
+    #[serde(with = "serde_size")]
+    pub min_size: u64,
+    #[serde(with = "serde_size")]
+    pub avg_size: u64,
+    #[serde(with = "serde_size")]
+    pub max_size: u64,
+}
+
+fn default_pack_size() -> u64 {
+    32 << 20
+}
+fn default_min_free() -> u64 {
+    256 << 20
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The retention matrix's frequencies (design brief §1) as the built-in default.
+pub const DEFAULT_FREQUENCY: [(&str, &str); 6] =
+    [("etcd", "1h"), ("postgres", "24h"), ("longhorn", "1h"), ("redis", "24h"), ("git", "1h"), ("objectstore", "24h")];
+
+impl Default for Config {
+    fn default() -> Self {
+        toml::from_str("").expect("the empty config is valid")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+impl Config {
+    /// What `serve` runs with when no config file is given: the development agent `dev`
+    /// may use every asset.
+    pub fn embedded() -> Config {
+        let mut c = Config::default();
+        c.agents.insert("dev".into(), AgentGrant { assets: vec!["*".into()], signing_key: None });
+        c
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: p.clone(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: p, message: e.to_string() })
+    }
+
+    /// Checks everything and reports every problem at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        for (name, grant) in &self.agents {
+            if !coffer_common::tls::is_valid_principal_name(name) {
+                problems.push(format!("agents.{name}: not a valid agent name (lowercase letters, digits, - and _)"));
+            }
+            if grant.assets.is_empty() {
+                problems.push(format!("agents.{name}.assets: grants nothing"));
+            }
+            if let Some(k) = &grant.signing_key
+                && coffer_common::signing::parse_public_key(k).is_err()
+            {
+                problems.push(format!("agents.{name}.signing-key: not an OpenSSH Ed25519 public key"));
+            }
+        }
+        for r in &self.recovery_recipients {
+            if !r.starts_with("age1") || r.len() < 40 {
+                problems.push(format!("recovery-recipients: {r:?} is not an age recipient (age1...)"));
+            }
+        }
+        for (kind, c) in &self.chunker {
+            if let Err(e) = c.params().validate() {
+                problems.push(format!("chunker.{kind}: {e}"));
+            }
+        }
+        for (k, v) in &self.frequency {
+            if let Err(e) = coffer_common::units::parse_duration(v) {
+                problems.push(format!("frequency.{k}: {e}"));
+            }
+        }
+        if self.pack_size < (4 << 20) || self.pack_size > (1 << 30) {
+            problems.push(format!("pack-size: {} is outside 4MiB..=1GiB", self.pack_size));
+        }
+        if let Some(l) = &self.listen
+            && l.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(format!("listen: {l:?} is not an address like 127.0.0.1:7443"));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
+    }
+
+    /// Whether `agent` may write and read `asset`.
+    pub fn agent_may(&self, agent: &str, asset: &str) -> bool {
+        self.agents.get(agent).is_some_and(|g| g.assets.iter().any(|p| glob_match(p, asset)))
+    }
+
+    pub fn admin_may(&self, admin: &str) -> bool {
+        self.admins.is_empty() || self.admins.iter().any(|a| a == admin)
+    }
+
+    pub fn chunker_for(&self, kind: &str) -> ChunkerParams {
+        self.chunker.get(kind).map(ChunkerConfig::params).unwrap_or(ChunkerParams::DEFAULT)
+    }
+
+    /// Expected interval between recovery points: per asset, then per kind, then built in.
+    pub fn frequency_for(&self, asset: &str, kind: &str) -> Option<Duration> {
+        self.frequency
+            .get(asset)
+            .or_else(|| self.frequency.get(kind))
+            .map(String::as_str)
+            .or_else(|| DEFAULT_FREQUENCY.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v))
+            .and_then(|v| coffer_common::units::parse_duration(v).ok())
+    }
+}
+
+impl ChunkerConfig {
+    pub fn params(&self) -> ChunkerParams {
+        let c = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        ChunkerParams { min_size: c(self.min_size), avg_size: c(self.avg_size), max_size: c(self.max_size) }
+    }
+}
+
+/// `*` matches any run of characters (including `/`); everything else matches itself.
+pub fn glob_match(pattern: &str, s: &str) -> bool {
+    let (p, s) = (pattern.as_bytes(), s.as_bytes());
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", "git/a"));
+        assert!(glob_match("git/*", "git/a"));
+        assert!(!glob_match("git/*", "etcd/a"));
+        assert!(glob_match("git/a", "git/a"));
+        assert!(!glob_match("git/a", "git/ab"));
+        assert!(glob_match("*/cp", "etcd/cp"));
+        assert!(glob_match("g*t/*x", "git/abx"));
+    }
+
+    #[test]
+    fn unknown_keys_and_every_problem_reported() {
+        let err = toml::from_str::<Config>("retension = 3").unwrap_err();
+        assert!(err.to_string().contains("retension"), "{err}");
+        let c: Config = toml::from_str(
+            r#"
+            listen = "nowhere"
+            recovery-recipients = ["bob"]
+            [agents.Bad]
+            assets = []
+            [frequency]
+            git = "often"
+            "#,
+        )
+        .unwrap();
+        let msg = c.validate().unwrap_err().to_string();
+        for needle in ["listen", "recovery-recipients", "agents.Bad", "grants nothing", "frequency.git"] {
+            assert!(msg.contains(needle), "missing {needle} in {msg}");
+        }
+    }
+
+    #[test]
+    fn defaults_and_grants() {
+        let c: Config = toml::from_str(
+            r#"
+            [agents.git-1]
+            assets = ["git/*"]
+            [frequency]
+            "git/slow" = "7d"
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.agent_may("git-1", "git/x"));
+        assert!(!c.agent_may("git-1", "etcd/x"));
+        assert!(!c.agent_may("other", "git/x"));
+        assert_eq!(c.frequency_for("git/x", "git"), Some(Duration::from_secs(3600)));
+        assert_eq!(c.frequency_for("git/slow", "git"), Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.pack_size, 32 << 20);
+        assert_eq!(Config::default().chunker_for("git"), ChunkerParams::DEFAULT);
+    }
+}

@@ -1,0 +1,11 @@
+//! The Coffer coordinator: stores agents' encrypted chunks in packs, keeps the catalog,
+//! and commits snapshots only when every chunk they name is durable and their signature
+//! verifies. It never holds keys or plaintext.
+
+pub mod catalog;
+pub mod certs;
+pub mod config;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod verify;

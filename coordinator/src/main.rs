@@ -1,0 +1,150 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use coffer_common::telemetry::{self, LogFormat};
+use coffer_coordinator::config::Config;
+use tokio_util::sync::CancellationToken;
+
+/// Coffer coordinator.
+#[derive(Parser, Debug)]
+#[command(name = "coordinator", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Debug)]
+struct Common {
+    /// Config file (TOML). Without one the built-in defaults apply: data in ./coffer-data,
+    /// a development CA, agent `dev` granted every asset.
+    #[arg(long, env = "COFFER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (repository, catalog, development certificates).
+    #[arg(long, env = "COFFER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[arg(long, env = "COFFER_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the coordinator.
+    Serve {
+        #[command(flatten)]
+        common: Common,
+        /// Address to listen on (port 0 picks a free port).
+        #[arg(long, env = "COFFER_LISTEN")]
+        listen: Option<SocketAddr>,
+    },
+    /// Check every stored chunk's checksum (reads the repository; needs no keys).
+    Verify {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Development certificates.
+    Certs {
+        #[command(subcommand)]
+        cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCmd {
+    /// Write a development CA, the coordinator's certificate and client certificates.
+    Init {
+        #[arg(long, env = "COFFER_OUT")]
+        out: PathBuf,
+        /// Agent names (spiffe://coffer/agent/NAME); repeatable.
+        #[arg(long = "agent", env = "COFFER_AGENT", value_delimiter = ',')]
+        agents: Vec<String>,
+        /// Admin names (spiffe://coffer/admin/NAME); repeatable.
+        #[arg(long = "admin", env = "COFFER_ADMIN", value_delimiter = ',')]
+        admins: Vec<String>,
+    },
+}
+
+/// File, then environment and flags (already merged by clap), then built-in defaults.
+fn load(common: &Common) -> anyhow::Result<(Config, PathBuf)> {
+    let mut config = match &common.config {
+        Some(p) => Config::load(p)?,
+        None => Config::embedded(),
+    };
+    if let Some(d) = &common.data_dir {
+        config.data_dir = Some(d.clone());
+    }
+    if let Some(f) = common.log_format {
+        config.log_format = Some(f);
+    }
+    config.validate()?;
+    let data_dir = config.data_dir.clone().unwrap_or_else(|| PathBuf::from("coffer-data"));
+    Ok((config, data_dir))
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Certs { cmd: CertsCmd::Init { out, agents, admins } } => {
+            let issued = coffer_coordinator::certs::init(&out, &agents, &admins)?;
+            for f in issued.files {
+                println!("{}", f.display());
+            }
+            Ok(())
+        }
+        Cmd::Verify { common } => {
+            let (config, data_dir) = load(&common)?;
+            let _t = telemetry::init("coffer-coordinator", config.log_format.unwrap_or_default());
+            let repo = coffer_coordinator::store::Repo::open(&data_dir.join("repo"))
+                .with_context(|| format!("opening the repository in {}", data_dir.display()))?;
+            let report = coffer_coordinator::verify::verify_repo(&repo)?;
+            println!(
+                "verified {} packs, {} chunks, {} bytes: {} problem(s)",
+                report.packs,
+                report.chunks,
+                report.bytes,
+                report.problems.len()
+            );
+            for p in &report.problems {
+                let chunk = p.chunk.map(|c| c.to_hex()).unwrap_or_else(|| "-".into());
+                println!(
+                    "CORRUPT pack {} chunk {} asset {} snapshots [{}]: {}",
+                    p.pack,
+                    chunk,
+                    p.asset,
+                    p.snapshots.join(", "),
+                    p.detail
+                );
+            }
+            if report.ok() { Ok(()) } else { std::process::exit(2) }
+        }
+        Cmd::Serve { common, listen } => {
+            let (mut config, data_dir) = load(&common)?;
+            if let Some(l) = listen {
+                config.listen = Some(l.to_string());
+            }
+            let listen: SocketAddr = config.listen.as_deref().unwrap_or("127.0.0.1:7443").parse()?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async move {
+                let _t = telemetry::init("coffer-coordinator", config.log_format.unwrap_or_default());
+                let shutdown = CancellationToken::new();
+                let signals = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signals.cancel();
+                });
+                coffer_coordinator::server::serve(config, data_dir, listen, shutdown, None).await?;
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}

@@ -1,0 +1,200 @@
+//! Starting and stopping the coordinator: TLS material, repository, catalog reconciliation,
+//! the gRPC server (agent, admin, health, reflection) and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use coffer_common::manifest::Manifest;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::catalog::{Catalog, CatalogError, SnapshotRow};
+use crate::config::Config;
+use crate::service::{State, admin, agent};
+use crate::store::{Repo, StoreError, pack};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Certs(#[from] crate::certs::CertError),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// TLS files from config, or the development CA under `DATA_DIR/certs`, generated on first
+/// start (with an agent `dev` and an admin `admin`).
+pub fn tls_files(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServeError> {
+    let certs = data_dir.join("certs");
+    let files = TlsFiles {
+        cert: config.tls_cert.clone().unwrap_or_else(|| certs.join("coordinator.pem")),
+        key: config.tls_key.clone().unwrap_or_else(|| certs.join("coordinator.key")),
+        ca: config.tls_ca.clone().unwrap_or_else(|| certs.join("ca.pem")),
+    };
+    let configured = config.tls_cert.is_some() || config.tls_key.is_some() || config.tls_ca.is_some();
+    if !configured && !files.cert.exists() && !files.ca.exists() {
+        crate::certs::init(&certs, &["dev".into()], &["admin".into()])?;
+        println!("generated a development CA and certificates in {}:", certs.display());
+        println!("  CA:    {}", certs.join("ca.pem").display());
+        println!("  agent: {} / {}", certs.join("agent-dev.pem").display(), certs.join("agent-dev.key").display());
+        println!("  admin: {} / {}", certs.join("admin-admin.pem").display(), certs.join("admin-admin.key").display());
+    }
+    Ok(files)
+}
+
+/// Brings the catalog in line with the repository after a crash: backups left open are
+/// aborted, sealed packs missing from the catalog are indexed, and committed manifests
+/// missing from the catalog are recorded.
+pub async fn reconcile(repo: &Repo, catalog: &Catalog) -> Result<(), ServeError> {
+    let aborted = catalog.abort_open_backups("coordinator restarted before the backup was committed").await?;
+    if aborted > 0 {
+        tracing::warn!(count = aborted, "aborted backups interrupted by a restart");
+    }
+    let known: std::collections::HashSet<String> = catalog.pack_ids().await?.into_iter().collect();
+    for id in repo.list_packs()? {
+        if known.contains(&id) {
+            continue;
+        }
+        let path = repo.pack_path(&id);
+        let (asset, entries, size) = match pack::read_index(&path) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(pack = %id, "unreadable pack left out of the catalog: {e}");
+                continue;
+            }
+        };
+        let kind = asset.split('/').next().unwrap_or_default().to_string();
+        let asset_id = catalog.ensure_asset(&asset, &kind).await?;
+        catalog.index_pack(&pack::SealedPack { id: id.clone(), asset, size, entries }, asset_id, None).await?;
+        tracing::info!(pack = %id, "indexed a sealed pack the catalog did not know");
+    }
+    for (asset, snapshot) in repo.list_manifests()? {
+        if catalog.snapshot(&snapshot).await?.is_some() {
+            continue;
+        }
+        if let Err(e) = recover_snapshot(repo, catalog, &asset, &snapshot).await {
+            tracing::error!(%asset, %snapshot, "manifest on disk left out of the catalog: {e}");
+        }
+    }
+    Ok(())
+}
+
+async fn recover_snapshot(repo: &Repo, catalog: &Catalog, asset: &str, snapshot: &str) -> Result<(), String> {
+    let (bytes, sig) = repo.read_manifest(asset, snapshot).map_err(|e| e.to_string())?;
+    let m = Manifest::decode(&bytes).map_err(|e| e.to_string())?;
+    let key = repo.read_agent_key(&m.agent).map_err(|e| e.to_string())?.ok_or("signer's key is unknown")?;
+    coffer_common::signing::verify(&key, coffer_common::signing::MANIFEST_NAMESPACE, &bytes, &sig)
+        .map_err(|e| e.to_string())?;
+    let asset_id = catalog.ensure_asset(asset, &m.kind).await.map_err(|e| e.to_string())?;
+    let ids = m.chunk_ids();
+    let missing = catalog.missing(asset_id, &ids).await.map_err(|e| e.to_string())?;
+    if !missing.is_empty() {
+        return Err(format!("{} chunks are missing", missing.len()));
+    }
+    let secs = |t: &str| coffer_common::time::parse_rfc3339(t).map(coffer_common::time::unix_seconds).unwrap_or(0);
+    let row = SnapshotRow {
+        id: snapshot.to_string(),
+        asset: asset.to_string(),
+        kind: m.kind.clone(),
+        agent: m.agent.clone(),
+        started_at: secs(&m.started_at),
+        finished_at: secs(&m.finished_at),
+        size: m.total_size() as i64,
+        new_bytes: 0,
+        chunks: ids.len() as i64,
+        files: m.files.len() as i64,
+    };
+    catalog.insert_snapshot(&row, asset_id).await.map_err(|e| e.to_string())?;
+    tracing::info!(asset, snapshot, "recorded a committed snapshot the catalog did not know");
+    Ok(())
+}
+
+/// Runs the coordinator until `shutdown` is cancelled; `ready` receives the bound address.
+pub async fn serve(
+    config: Config,
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<(), ServeError> {
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|source| ServeError::Io { path: data_dir.display().to_string(), source })?;
+    let tls = tls_files(&config, &data_dir)?;
+    let read = |p: &Path| std::fs::read(p).map_err(|source| ServeError::Io { path: p.display().to_string(), source });
+    let tls_config = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?))
+        .client_ca_root(Certificate::from_pem(read(&tls.ca)?))
+        .client_auth_optional(false);
+
+    let repo = Repo::open(&data_dir.join("repo"))?;
+    let catalog = Catalog::open(&data_dir.join("catalog.db")).await?;
+    reconcile(&repo, &catalog).await?;
+    let grace = config.shutdown_grace;
+    let state = Arc::new(State { config, repo, catalog: catalog.clone(), keyring_lock: Default::default() });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<coffer_proto::v1::agent_service_server::AgentServiceServer<agent::AgentApi>>().await;
+    health.set_serving::<coffer_proto::v1::admin_service_server::AdminServiceServer<admin::AdminApi>>().await;
+    let reflection = |b: tonic_reflection::server::Builder<'static>| {
+        b.register_encoded_file_descriptor_set(coffer_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1()
+        .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
+    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
+        .build_v1alpha()
+        .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: listen.to_string(), source })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: listen.to_string(), source })?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    let router = Server::builder()
+        .tls_config(tls_config)?
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(agent::service(state.clone()))
+        .add_service(admin::service(state.clone()));
+
+    println!("coordinator listening on https://{addr} (data in {})", data_dir.display());
+    tracing::info!(%addr, data_dir = %data_dir.display(), "coordinator started");
+    if let Some(tx) = ready {
+        let _ = tx.send(addr);
+    }
+    let stop = shutdown.clone();
+    let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }));
+    shutdown.cancelled().await;
+    tracing::info!(grace_seconds = grace.as_secs(), "shutting down: draining in-flight calls");
+    match tokio::time::timeout(grace, server).await {
+        Ok(Ok(r)) => r?,
+        Ok(Err(e)) => tracing::error!("server task: {e}"),
+        Err(_) => tracing::warn!("grace period over; dropping remaining calls"),
+    }
+    catalog.close().await;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}

