@@ -183,7 +183,7 @@ mod tests {
         source.insert("alpha".into(), serde_json::json!("x"));
         Manifest {
             format: MANIFEST_FORMAT,
-            snapshot: "20261124T095500Z-3fa81c2d".into(),
+            snapshot: "20261124T095500.000Z-3fa81c2d".into(),
             asset: "git/gitops".into(),
             kind: "git".into(),
             agent: "git-1".into(),

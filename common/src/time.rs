@@ -25,22 +25,23 @@ pub fn from_unix_seconds(s: i64) -> SystemTime {
     if s >= 0 { UNIX_EPOCH + Duration::from_secs(s as u64) } else { UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) }
 }
 
-/// A snapshot id: sortable by time, unique by a random suffix, safe in file names.
-/// Example: `20261124T095500Z-3fa81c2d`.
+/// A snapshot id: sortable by time (millisecond resolution), unique by a random suffix,
+/// safe in file names. Example: `20261124T095500.123Z-3fa81c2d`.
 pub fn new_snapshot_id(t: SystemTime) -> String {
-    let stamp = rfc3339(t).replace(['-', ':'], "");
+    let stamp = humantime::format_rfc3339_millis(t).to_string().replace(['-', ':'], "");
     let mut r = [0u8; 4];
     getrandom::getrandom(&mut r).expect("the operating system's random source failed");
     format!("{stamp}-{}", hex::encode(r))
 }
 
 pub fn is_valid_snapshot_id(s: &str) -> bool {
-    s.len() == 25
+    s.len() == 29
         && s.bytes().enumerate().all(|(i, b)| match i {
             8 => b == b'T',
-            15 => b == b'Z',
-            16 => b == b'-',
-            17.. => b.is_ascii_hexdigit() && !b.is_ascii_uppercase(),
+            15 => b == b'.',
+            19 => b == b'Z',
+            20 => b == b'-',
+            21.. => b.is_ascii_hexdigit() && !b.is_ascii_uppercase(),
             _ => b.is_ascii_digit(),
         })
 }
@@ -52,9 +53,9 @@ mod tests {
     #[test]
     fn snapshot_ids_sort_by_time_and_validate() {
         let a = new_snapshot_id(from_unix_seconds(1_700_000_000));
-        let b = new_snapshot_id(from_unix_seconds(1_700_000_060));
+        let b = new_snapshot_id(from_unix_seconds(1_700_000_000) + Duration::from_millis(1));
         assert!(a < b);
-        assert!(a.starts_with("20231114T221320Z-"), "{a}");
+        assert!(a.starts_with("20231114T221320.000Z-"), "{a}");
         assert!(is_valid_snapshot_id(&a));
         assert!(!is_valid_snapshot_id("../etc/passwd"));
         assert!(!is_valid_snapshot_id("latest"));

@@ -435,23 +435,23 @@ mod tests {
         let c = Catalog::open(&dir.path().join("catalog.db")).await.unwrap();
         let a = c.ensure_asset("git/a", "git").await.unwrap();
         assert_eq!(c.ensure_asset("git/a", "git").await.unwrap(), a);
-        c.begin_backup("20261124T000000Z-00000001", a, "git-1").await.unwrap();
+        c.begin_backup("20261124T000000.000Z-00000001", a, "git-1").await.unwrap();
         let pack = SealedPack {
             id: "ab".repeat(16),
             asset: "git/a".into(),
             size: 100,
             entries: vec![Entry { id: ChunkId([1; 32]), offset: 10, length: 20, crc: 5 }],
         };
-        c.index_pack(&pack, a, Some("20261124T000000Z-00000001")).await.unwrap();
+        c.index_pack(&pack, a, Some("20261124T000000.000Z-00000001")).await.unwrap();
         let missing = c.missing(a, &[ChunkId([1; 32]), ChunkId([2; 32])]).await.unwrap();
         assert_eq!(missing, vec![ChunkId([2; 32])]);
         let other = c.ensure_asset("git/b", "git").await.unwrap();
         assert_eq!(c.missing(other, &[ChunkId([1; 32])]).await.unwrap().len(), 1, "chunks are per asset");
-        let b = c.backup("20261124T000000Z-00000001").await.unwrap().unwrap();
+        let b = c.backup("20261124T000000.000Z-00000001").await.unwrap().unwrap();
         assert_eq!((b.state.as_str(), b.bytes_stored), ("open", 20));
         assert_eq!(c.abort_open_backups("restart").await.unwrap(), 1);
         let row = SnapshotRow {
-            id: "20261124T000000Z-00000002".into(),
+            id: "20261124T000000.000Z-00000002".into(),
             asset: "git/a".into(),
             kind: "git".into(),
             agent: "git-1".into(),

@@ -166,10 +166,10 @@ pub async fn restore<S: Source>(ctx: &AgentContext, source: &S, snapshot: &str, 
 /// Prints the asset's snapshots, newest first.
 pub async fn list(ctx: &AgentContext) -> Result<(), CliError> {
     let snaps = ctx.coord.list_snapshots(&ctx.asset, 0).await?;
-    println!("{:<26} {:<21} {:>12} {:>12} {:>7}", "SNAPSHOT", "TIME", "SIZE", "NEW", "FILES");
+    println!("{:<30} {:<21} {:>12} {:>12} {:>7}", "SNAPSHOT", "TIME", "SIZE", "NEW", "FILES");
     for s in snaps {
         println!(
-            "{:<26} {:<21} {:>12} {:>12} {:>7}",
+            "{:<30} {:<21} {:>12} {:>12} {:>7}",
             s.id,
             s.finished_at,
             format_size(s.size),

@@ -8,6 +8,7 @@
 pub mod backup;
 pub mod cli;
 pub mod client;
+pub mod command;
 pub mod progress;
 pub mod restore;
 pub mod retry;

@@ -1,0 +1,105 @@
+//! agent-git: backs up a git repository (GitOps) to a Coffer coordinator.
+
+mod git;
+mod scan;
+mod source;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use coffer_common::runtime::cli::{self, AgentArgs};
+
+/// Coffer agent for git repositories.
+#[derive(Parser, Debug)]
+#[command(name = "agent-git", version)]
+struct Cli {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Repository to protect: a URL (https, ssh, git) or a local path.
+    #[arg(long, global = true, env = "COFFER_REPO")]
+    repo: Option<String>,
+    /// Where the agent keeps its mirror of the repository between runs.
+    #[arg(long, global = true, env = "COFFER_WORK_DIR", default_value = "coffer-agent-git")]
+    work_dir: PathBuf,
+    /// Start a new chain with a full bundle every N snapshots.
+    #[arg(long, global = true, env = "COFFER_FULL_EVERY", default_value_t = 24)]
+    full_every: u32,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Take one snapshot now.
+    Backup,
+    /// Restore a snapshot into a new bare repository and verify it (git fsck, exact refs).
+    Restore {
+        /// Snapshot id, or `latest`.
+        #[arg(long, env = "COFFER_SNAPSHOT", default_value = "latest")]
+        snapshot: String,
+        /// Directory for the restored bare repository (must not exist or be empty).
+        #[arg(long, env = "COFFER_TO")]
+        to: PathBuf,
+    },
+    /// List the asset's snapshots.
+    List,
+}
+
+async fn run(cli: Cli) -> Result<(), cli::CliError> {
+    let ctx = cli.agent.connect("git").await?;
+    match cli.cmd {
+        Cmd::Backup => {
+            let repo = cli.repo.ok_or_else(|| {
+                cli::CliError::Source(coffer_common::runtime::SourceError::Failed(
+                    "--repo is required for backup".into(),
+                ))
+            })?;
+            let source = source::GitSource { repo, work_dir: cli.work_dir, full_every: cli.full_every.max(1) };
+            let info = cli::backup(&ctx, &source).await?;
+            println!(
+                "snapshot {} of {}: {} in {} file(s), {} new",
+                info.id,
+                info.asset,
+                coffer_common::units::format_size(info.size),
+                info.files,
+                coffer_common::units::format_size(info.new_bytes)
+            );
+            Ok(())
+        }
+        Cmd::Restore { snapshot, to } => {
+            let source =
+                source::GitSource { repo: cli.repo.unwrap_or_default(), work_dir: cli.work_dir, full_every: 1 };
+            cli::restore(&ctx, &source, &snapshot, &to).await
+        }
+        Cmd::List => cli::list(&ctx).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = match coffer_common::layered::parse() {
+        Ok(c) => c,
+        Err(coffer_common::layered::ConfigError::Cli(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let _t = coffer_common::telemetry::init("coffer-agent-git", cli.agent.log_format);
+        match run(cli).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
