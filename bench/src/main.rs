@@ -1,0 +1,2 @@
+//! Placeholder; the bench agent is being written.
+fn main() {}
