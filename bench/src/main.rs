@@ -1,2 +1,109 @@
-//! Placeholder; the bench agent is being written.
-fn main() {}
+//! bench-agent: feeds a directory tree through the agent runtime, for `bench/ingest`.
+//!
+//! It is an ordinary agent (same flags, keyring, pipeline, protocol and verified restore as
+//! every other) whose source is a directory. Each command ends with one machine-readable
+//! line on stdout, `BENCH <command> key=value ...`, that the benchmark script parses.
+
+mod source;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use coffer_common::runtime::cli::{self, AgentArgs};
+use coffer_common::runtime::{Source, SourceError};
+
+use crate::source::DirSource;
+
+/// Coffer bench agent: backs up and restores a directory tree (asset kind `files`).
+#[derive(Parser, Debug)]
+#[command(name = "bench-agent", version)]
+struct Cli {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Directory to back up.
+    #[arg(long, global = true, env = "COFFER_DIR")]
+    dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Take one snapshot of `--dir` now.
+    Backup,
+    /// Restore a snapshot into a new directory and verify it.
+    Restore {
+        /// Snapshot id, or `latest`.
+        #[arg(long, env = "COFFER_SNAPSHOT", default_value = "latest")]
+        snapshot: String,
+        /// Directory to restore into (must not exist or be empty).
+        #[arg(long, env = "COFFER_TO")]
+        to: PathBuf,
+    },
+    /// List the asset's snapshots.
+    List,
+}
+
+async fn run(cli: Cli) -> Result<(), cli::CliError> {
+    let started = Instant::now();
+    let source = DirSource { dir: cli.dir };
+    let ctx = cli.agent.connect(source.kind()).await?;
+    match cli.cmd {
+        Cmd::Backup => {
+            let info = cli::backup(&ctx, &source).await?;
+            println!(
+                "BENCH backup seconds={:.3} bytes={} new_bytes={} files={} snapshot={}",
+                started.elapsed().as_secs_f64(),
+                info.size,
+                info.new_bytes,
+                info.files,
+                info.id
+            );
+        }
+        Cmd::Restore { snapshot, to } => {
+            cli::restore(&ctx, &source, &snapshot, &to).await?;
+            let files = source::walk(&to)?;
+            let mut bytes = 0;
+            for f in &files {
+                bytes += std::fs::metadata(&f.abs).map_err(SourceError::io(format!("{}", f.abs.display())))?.len();
+            }
+            println!(
+                "BENCH restore seconds={:.3} bytes={bytes} files={}",
+                started.elapsed().as_secs_f64(),
+                files.len()
+            );
+        }
+        Cmd::List => cli::list(&ctx).await?,
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli: Cli = match coffer_common::layered::parse() {
+        Ok(c) => c,
+        Err(coffer_common::layered::ConfigError::Cli(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        let _t = coffer_common::telemetry::init("coffer-bench-agent", cli.agent.log_format);
+        match run(cli).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -464,7 +464,11 @@ async fn upload(
                     Ok(Some(f)) => f,
                     Ok(None) => return Ok(true),
                     Err(status) => {
+                        // The client went away, or sent what could not be decoded (e.g. a
+                        // message over the size limit): tell it if it is still listening.
                         tracing::warn!(snapshot = %backup.snapshot_id, "upload stream broke: {}", status.message());
+                        let reason = format!("upload stream failed: {}", status.message());
+                        let _ = tx.send(Err(Status::new(status.code(), reason))).await;
                         return Ok(false);
                     }
                 },

@@ -1,0 +1,238 @@
+//! The coffer.v1 protocol against an in-process coordinator over real mutual TLS on
+//! 127.0.0.1: the commit protocol's refusals, message limits and role checks.
+
+use std::path::PathBuf;
+
+use coffer_common::crypto::{ChunkId, MAX_STORED_CHUNK};
+use coffer_common::identity::AgentIdentity;
+use coffer_common::manifest::{ChunkRef, FileEntry, MANIFEST_FORMAT, Manifest};
+use coffer_common::runtime::backup::{BackupSink, PipelineOptions};
+use coffer_common::runtime::{Coordinator, SourceError};
+use coffer_common::tls::ClientTls;
+use coffer_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+
+struct Server {
+    _dir: tempfile::TempDir,
+    certs: PathBuf,
+    url: String,
+    stop: CancellationToken,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    coffer_coordinator::certs::init(&certs, &["git-1".into(), "intruder".into()], &["ops".into()]).unwrap();
+    let config: coffer_coordinator::config::Config = toml::from_str(&format!(
+        "tls-cert = {:?}\ntls-key = {:?}\ntls-ca = {:?}\n[agents.git-1]\nassets = [\"git/*\"]\n[agents.intruder]\nassets = [\"git/*\"]\n",
+        certs.join("coordinator.pem"),
+        certs.join("coordinator.key"),
+        certs.join("ca.pem")
+    ))
+    .unwrap();
+    config.validate().unwrap();
+    let stop = CancellationToken::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let data = dir.path().join("data");
+    let token = stop.clone();
+    tokio::spawn(async move {
+        coffer_coordinator::server::serve(config, data, "127.0.0.1:0".parse().unwrap(), token, Some(tx)).await.unwrap();
+    });
+    let addr = rx.await.unwrap();
+    Server { _dir: dir, certs, url: format!("https://{addr}"), stop }
+}
+
+/// Client credentials of one certificate holder (`agent-NAME` or `admin-NAME`).
+struct Creds {
+    url: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+impl Creds {
+    fn tls(&self) -> ClientTls<'_> {
+        ClientTls { url: &self.url, ca: &self.ca, cert: &self.cert, key: &self.key }
+    }
+}
+
+fn creds(s: &Server, who: &str) -> Creds {
+    Creds {
+        url: s.url.clone(),
+        ca: s.certs.join("ca.pem"),
+        cert: s.certs.join(format!("{who}.pem")),
+        key: s.certs.join(format!("{who}.key")),
+    }
+}
+
+fn raw_agent(s: &Server, who: &str) -> pb::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
+    let ch = creds(s, who).tls().channel().unwrap();
+    pb::agent_service_client::AgentServiceClient::new(ch).max_encoding_message_size(256 << 20)
+}
+
+async fn connect(s: &Server, who: &str, id: &AgentIdentity) -> Coordinator {
+    Coordinator::connect(&creds(s, who).tls(), id, &["git"]).await.unwrap()
+}
+
+fn signed_manifest(id: &AgentIdentity, snapshot: &str, chunks: Vec<ChunkRef>) -> (Vec<u8>, String) {
+    let size = chunks.iter().map(|c| c.1 as u64).sum();
+    let m = Manifest {
+        format: MANIFEST_FORMAT,
+        snapshot: snapshot.into(),
+        asset: "git/a".into(),
+        kind: "git".into(),
+        agent: "git-1".into(),
+        agent_version: "test".into(),
+        started_at: "2026-11-24T00:00:00Z".into(),
+        finished_at: "2026-11-24T00:00:01Z".into(),
+        chunker: coffer_common::chunker::ChunkerParams::DEFAULT.into(),
+        source: Default::default(),
+        files: vec![FileEntry { path: "f".into(), size, sha256: "00".repeat(32), chunks }],
+    };
+    let bytes = m.encode();
+    let sig = id.signer().sign(coffer_common::signing::MANIFEST_NAMESPACE, &bytes);
+    (bytes, sig)
+}
+
+async fn begin(c: &mut pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>) -> String {
+    c.begin_backup(pb::BeginBackupRequest { asset: "git/a".into(), kind: "git".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot_id
+}
+
+#[tokio::test]
+async fn commit_requires_a_valid_signature_and_durable_chunks() {
+    let s = start().await;
+    let me = AgentIdentity::generate("me");
+    let coord = connect(&s, "agent-git-1", &me).await;
+    let keyring = coord.keyring("git/a", &me, &[]).await.unwrap();
+
+    // Signed by a key other than the registered one: rejected, nothing visible.
+    let mut sink =
+        BackupSink::begin(&coord, &keyring, "git/a", "git", PipelineOptions { quiet: true, ..Default::default() })
+            .await
+            .unwrap();
+    sink.add_bytes("f", b"hello world".repeat(1000)).await.unwrap();
+    let impostor = AgentIdentity::generate("impostor");
+    let err = sink.commit(&impostor, Default::default()).await.unwrap_err();
+    let SourceError::Client(e) = &err else { panic!("{err}") };
+    assert!(e.to_string().contains("signature rejected"), "{e}");
+    assert!(coord.list_snapshots("git/a", 0).await.unwrap().is_empty());
+
+    // A manifest naming a chunk the coordinator does not hold.
+    let mut raw = raw_agent(&s, "agent-git-1");
+    let snap = begin(&mut raw).await;
+    let (manifest, signature) = signed_manifest(&me, &snap, vec![ChunkRef(ChunkId([9; 32]), 10)]);
+    let st = raw
+        .commit_backup(pb::CommitBackupRequest { snapshot_id: snap.clone(), manifest, signature })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains(&ChunkId([9; 32]).to_hex()), "{}", st.message());
+    assert!(coord.list_snapshots("git/a", 0).await.unwrap().is_empty());
+
+    // The same manifest committed twice (a retry) yields one snapshot.
+    let mut sink =
+        BackupSink::begin(&coord, &keyring, "git/a", "git", PipelineOptions { quiet: true, ..Default::default() })
+            .await
+            .unwrap();
+    sink.add_bytes("f", b"hello world".repeat(1000)).await.unwrap();
+    let info = sink.commit(&me, Default::default()).await.unwrap();
+    assert_eq!(coord.list_snapshots("git/a", 0).await.unwrap().len(), 1);
+    assert_eq!(coord.manifest("git/a", "latest").await.unwrap().unwrap().info.id, info.id);
+}
+
+#[tokio::test]
+async fn message_and_frame_limits() {
+    let s = start().await;
+    let me = AgentIdentity::generate("me");
+    connect(&s, "agent-git-1", &me).await;
+    let mut raw = raw_agent(&s, "agent-git-1");
+
+    // More ids than one call may carry.
+    let st = raw
+        .find_missing_chunks(pb::FindMissingChunksRequest { asset: "git/a".into(), ids: vec![vec![0; 32]; 4097] })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument);
+    let ok = raw
+        .find_missing_chunks(pb::FindMissingChunksRequest { asset: "git/a".into(), ids: vec![vec![0; 32]; 4096] })
+        .await
+        .unwrap();
+    assert_eq!(ok.into_inner().missing.len(), 4096);
+
+    let upload = |data_len: usize| {
+        let mut raw = raw.clone();
+        async move {
+            let snap = begin(&mut raw).await;
+            let frames = vec![
+                pb::UploadChunksRequest { snapshot_id: snap, id: vec![], data: vec![] },
+                pb::UploadChunksRequest { snapshot_id: String::new(), id: vec![1; 32], data: vec![7; data_len] },
+            ];
+            let mut acks = raw.upload_chunks(futures::stream::iter(frames)).await?.into_inner();
+            let mut got = Vec::new();
+            while let Some(a) = acks.message().await? {
+                got.push(a);
+            }
+            Ok::<_, tonic::Status>(got)
+        }
+    };
+    // Exactly at the chunk limit: acknowledged and sealed.
+    let acks = upload(MAX_STORED_CHUNK).await.unwrap();
+    assert_eq!(acks.len(), 2);
+    assert!(acks[1].sealed);
+    // One byte over: refused with a clear message.
+    let st = upload(MAX_STORED_CHUNK + 1).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+    assert!(st.message().contains("over the"), "{}", st.message());
+    // Over the transport's message limit: refused before it is buffered whole.
+    let st = upload(coffer_common::tls::MAX_MESSAGE_SIZE + 1).await.unwrap_err();
+    assert!(matches!(st.code(), Code::ResourceExhausted | Code::OutOfRange | Code::Internal), "{st:?}");
+}
+
+#[tokio::test]
+async fn roles_are_enforced() {
+    let s = start().await;
+    let me = AgentIdentity::generate("me");
+    // Admins cannot act as agents.
+    let st = raw_agent(&s, "admin-ops")
+        .hello(pb::HelloRequest {
+            agent_version: "x".into(),
+            signing_key: me.signer().public_openssh(),
+            age_recipient: me.recipient(),
+            kinds: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+    // Agents cannot use the admin service.
+    let ch = creds(&s, "agent-git-1").tls().channel().unwrap();
+    let st =
+        pb::admin_service_client::AdminServiceClient::new(ch).list_assets(pb::ListAssetsRequest {}).await.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+    // An agent's key is bound on first use; another key for the same identity is refused.
+    connect(&s, "agent-git-1", &me).await;
+    let other = AgentIdentity::generate("other");
+    let Err(err) = Coordinator::connect(&creds(&s, "agent-git-1").tls(), &other, &["git"]).await else {
+        panic!("a second signing key for one identity must be refused")
+    };
+    assert!(err.to_string().contains("signing key"), "{err}");
+    // Backups belong to the agent that began them.
+    let mut mine = raw_agent(&s, "agent-git-1");
+    let snap = begin(&mut mine).await;
+    connect(&s, "agent-intruder", &AgentIdentity::generate("intruder")).await;
+    let st = raw_agent(&s, "agent-intruder")
+        .abort_backup(pb::AbortBackupRequest { snapshot_id: snap, reason: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+}

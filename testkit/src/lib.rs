@@ -1,0 +1,317 @@
+//! Black-box test harness: runs the real binaries (coordinator, agents) as processes on
+//! 127.0.0.1 with certificates from `coordinator certs init`, in temporary directories.
+//! Readiness is polled with deadlines, never slept for; logs are kept in the temp dir and
+//! printed when a wait fails.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary, next to the running test executable's `deps/` directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    let dir = exe.parent().and_then(|d| if d.ends_with("deps") { d.parent() } else { Some(d) }).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace binaries first (cargo build --workspace --bins)",
+        p.display()
+    );
+    p
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// Runs and requires success; returns stdout.
+pub fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Certificates for a coordinator, agents and admins, from the real `certs init`.
+pub fn certs(dir: &Path, agents: &[&str], admins: &[&str]) -> PathBuf {
+    let mut c = Command::new(bin("coordinator"));
+    c.args(["certs", "init", "--out"]).arg(dir);
+    for a in agents {
+        c.args(["--agent", a]);
+    }
+    for a in admins {
+        c.args(["--admin", a]);
+    }
+    ok(&mut c);
+    dir.to_path_buf()
+}
+
+/// A coordinator process.
+pub struct Coordinator {
+    pub child: Option<Child>,
+    pub url: String,
+    pub port: u16,
+    pub config: PathBuf,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    /// Prefix command (e.g. `unshare ...`) used to start it.
+    pub wrapper: Vec<String>,
+}
+
+impl Coordinator {
+    /// Writes a config (TLS from `certs`, data in `data_dir`, plus `extra` TOML) and starts.
+    pub fn start(dir: &Path, certs: &Path, extra: &str) -> Coordinator {
+        Self::start_wrapped(dir, certs, extra, &[])
+    }
+
+    pub fn start_wrapped(dir: &Path, certs: &Path, extra: &str, wrapper: &[&str]) -> Coordinator {
+        let data_dir = dir.join("coffer-data");
+        let config = dir.join("coordinator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data-dir = {:?}\nlisten = \"127.0.0.1:0\"\ntls-cert = {:?}\ntls-key = {:?}\ntls-ca = {:?}\nshutdown-grace = \"5s\"\n{extra}\n",
+                data_dir,
+                certs.join("coordinator.pem"),
+                certs.join("coordinator.key"),
+                certs.join("ca.pem"),
+            ),
+        )
+        .expect("writing coordinator config");
+        let mut c = Coordinator {
+            child: None,
+            url: String::new(),
+            port: 0,
+            config,
+            data_dir,
+            log: dir.join("coordinator.log"),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
+        };
+        c.launch();
+        c
+    }
+
+    fn launch(&mut self) {
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("coordinator"));
+                c
+            }
+            None => Command::new(bin("coordinator")),
+        };
+        cmd.args(["serve", "--config"]).arg(&self.config);
+        if self.port != 0 {
+            cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)]);
+        }
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        let mut child = cmd
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("starting the coordinator");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        let log_path = self.log.clone();
+        std::thread::spawn(move || {
+            let mut log = std::fs::OpenOptions::new().create(true).append(true).open(log_path).expect("log file");
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                use std::io::Write;
+                let _ = writeln!(log, "{line}");
+                if let Some(url) = line.strip_prefix("coordinator listening on ") {
+                    let _ = tx.send(url.split(' ').next().unwrap_or_default().to_string());
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(u) => u,
+            Err(_) => panic!("coordinator did not start:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default()),
+        };
+        self.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in the listening line");
+        self.url = url;
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        signal(c.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts again on the same port and data.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.launch();
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn packs(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Ok(dirs) = std::fs::read_dir(self.data_dir.join("repo/packs")) {
+            for d in dirs.flatten() {
+                if let Ok(files) = std::fs::read_dir(d.path()) {
+                    out.extend(files.flatten().map(|f| f.path()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Sends a signal (`TERM`, `KILL`, `STOP`, ...) with the stock `kill` command.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+/// Command line of an agent binary with the common flags for `agent` and `asset`.
+pub fn agent(binary: &str, coord: &Coordinator, certs: &Path, agent: &str, dir: &Path, asset: &str) -> Command {
+    let mut c = Command::new(bin(binary));
+    c.arg("--coordinator")
+        .arg(&coord.url)
+        .arg("--ca")
+        .arg(certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(certs.join(format!("agent-{agent}.pem")))
+        .arg("--key")
+        .arg(certs.join(format!("agent-{agent}.key")))
+        .arg("--identity")
+        .arg(dir.join(format!("{agent}.identity")))
+        .arg("--asset")
+        .arg(asset)
+        .arg("--quiet")
+        .env_remove("COFFER_CONFIG")
+        .env("RUST_LOG", "warn");
+    c
+}
+
+/// A git command in `dir` with a fixed identity and no user config.
+pub fn git(dir: &Path) -> Command {
+    let mut c = Command::new("git");
+    c.arg("-C")
+        .arg(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "Test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "Test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com");
+    c
+}
+
+/// A new repository with `files` committed on branch `main`.
+pub fn git_repo(dir: &Path, files: &[(&str, &[u8])]) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("repo dir");
+    ok(git(dir).args(["init", "-q", "-b", "main"]));
+    commit(dir, files, "initial");
+    dir.to_path_buf()
+}
+
+pub fn commit(dir: &Path, files: &[(&str, &[u8])], message: &str) {
+    for (path, data) in files {
+        let p = dir.join(path);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("dirs");
+        std::fs::write(&p, data).expect("write file");
+    }
+    ok(git(dir).args(["add", "-A"]));
+    ok(git(dir).args(["commit", "-q", "--allow-empty", "-m", message]));
+}
+
+/// `refname -> sha` of a repository.
+pub fn refs(dir: &Path) -> Vec<(String, String)> {
+    ok(git(dir).args(["for-each-ref", "--format=%(refname) %(objectname)"]))
+        .lines()
+        .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        .collect()
+}
+
+/// Deterministic pseudo-random bytes (incompressible).
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A free TCP port on 127.0.0.1 (for servers that cannot report the port they bound).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A child process killed when dropped (helper servers such as `git daemon`).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
