@@ -96,14 +96,16 @@ impl Source for DirSource {
             )));
         }
         std::fs::create_dir_all(target).map_err(SourceError::io(format!("creating {}", target.display())))?;
+        let mut files = Vec::with_capacity(reader.manifest().files.len());
         for f in &reader.manifest().files {
             // The manifest was validated when it was read; this is the last line of defence
             // before a path from the snapshot is joined onto the target.
             if !is_safe_relative_path(&f.path) {
                 return Err(SourceError::Failed(format!("snapshot names an unsafe path {:?}", f.path)));
             }
-            reader.restore_to_path(&f.path, &target.join(&f.path)).await?;
+            files.push((f.path.clone(), target.join(&f.path)));
         }
+        reader.restore_files(&files).await?;
         Ok(())
     }
 

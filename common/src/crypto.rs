@@ -161,17 +161,31 @@ impl ChunkCipher {
         k
     }
 
-    /// Compresses (unless it does not help) and encrypts one chunk.
+    /// Compresses (unless it does not help) and encrypts one chunk. Compression writes
+    /// straight into the output buffer with a per-thread zstd context.
     pub fn seal(&self, id: &ChunkId, plaintext: &[u8]) -> Vec<u8> {
-        let compressed = zstd::bulk::compress(plaintext, ZSTD_LEVEL).ok();
-        let (mode, body): (u8, &[u8]) = match &compressed {
-            // Store raw unless compression saves at least 1/32 of the chunk.
-            Some(c) if c.len() + plaintext.len() / 32 < plaintext.len() => (1, c),
-            _ => (0, plaintext),
+        let bound = zstd::zstd_safe::compress_bound(plaintext.len());
+        let mut out = std::io::Cursor::new(Vec::with_capacity(HEADER_LEN + bound.max(plaintext.len()) + TAG_LEN));
+        out.get_mut().extend_from_slice(&[CHUNK_FORMAT, 1]);
+        out.set_position(HEADER_LEN as u64);
+        let compressed = COMPRESSOR.with(|c| {
+            let mut c = c.borrow_mut();
+            match c.as_mut() {
+                Some(c) => c.compress_to_buffer(plaintext, &mut out).ok(),
+                None => None,
+            }
+        });
+        let mut out = out.into_inner();
+        // Store raw unless compression saves at least 1/32 of the chunk.
+        let mode = match compressed {
+            Some(n) if n + plaintext.len() / 32 < plaintext.len() => 1,
+            _ => {
+                out.truncate(HEADER_LEN);
+                out[1] = 0;
+                out.extend_from_slice(plaintext);
+                0
+            }
         };
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + TAG_LEN);
-        out.extend_from_slice(&[CHUNK_FORMAT, mode]);
-        out.extend_from_slice(body);
         let aad = aad(id, [CHUNK_FORMAT, mode]);
         let tag = self
             .chunk_key(id)
@@ -181,10 +195,11 @@ impl ChunkCipher {
         out
     }
 
-    /// Decrypts, decompresses and checks that the plaintext hashes to `id`.
-    pub fn open(&self, id: &ChunkId, stored: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    /// Decrypts (in place), decompresses and checks that the plaintext hashes to `id` and
+    /// is `expected_len` bytes long.
+    pub fn open(&self, id: &ChunkId, mut stored: Vec<u8>, expected_len: usize) -> Result<Vec<u8>, CryptoError> {
         let tampered = |detail: &str| CryptoError::Tampered { id: *id, detail: detail.to_string() };
-        if stored.len() > MAX_STORED_CHUNK {
+        if stored.len() > MAX_STORED_CHUNK || expected_len > MAX_CHUNK_SIZE as usize {
             return Err(CryptoError::TooLarge { id: *id, len: stored.len(), max: MAX_STORED_CHUNK });
         }
         if stored.len() < HEADER_LEN + TAG_LEN {
@@ -194,24 +209,43 @@ impl ChunkCipher {
         if header[0] != CHUNK_FORMAT {
             return Err(tampered(&format!("unknown chunk format {}", header[0])));
         }
-        let mut body = stored[HEADER_LEN..].to_vec();
         let aad = aad(id, header);
-        let plain_len = self
+        let body_len = self
             .chunk_key(id)
-            .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(&aad), &mut body)
+            .open_within(Nonce::assume_unique_for_key([0; 12]), Aad::from(&aad), &mut stored, HEADER_LEN..)
             .map_err(|_| tampered("authentication tag does not verify"))?
             .len();
-        body.truncate(plain_len);
+        stored.truncate(body_len);
         let plaintext = match header[1] {
-            0 => body,
-            1 => zstd::bulk::decompress(&body, MAX_CHUNK_SIZE as usize).map_err(|e| tampered(&format!("zstd: {e}")))?,
+            0 => stored,
+            1 => {
+                let mut out = Vec::with_capacity(expected_len);
+                DECOMPRESSOR
+                    .with(|d| match d.borrow_mut().as_mut() {
+                        Some(d) => d.decompress_to_buffer(&stored, &mut out).map_err(|e| e.to_string()),
+                        None => Err("no zstd context".to_string()),
+                    })
+                    .map_err(|e| tampered(&format!("zstd: {e}")))?;
+                out
+            }
             m => return Err(tampered(&format!("unknown compression {m}"))),
         };
+        if plaintext.len() != expected_len {
+            return Err(tampered(&format!("plaintext is {} bytes, expected {expected_len}", plaintext.len())));
+        }
         if self.chunk_id(&plaintext) != *id {
             return Err(tampered("plaintext does not hash to its id"));
         }
         Ok(plaintext)
     }
+}
+
+thread_local! {
+    /// zstd contexts are reused per thread instead of allocated per chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
 }
 
 fn aad(id: &ChunkId, header: [u8; 2]) -> [u8; 34] {
@@ -263,7 +297,7 @@ mod tests {
         let sealed = c.seal(&id, &text);
         assert_eq!(sealed[1], 1);
         assert!(sealed.len() < text.len() / 10);
-        assert_eq!(c.open(&id, &sealed).unwrap(), text);
+        assert_eq!(c.open(&id, sealed, text.len()).unwrap(), text);
 
         let random: Vec<u8> = (0..1600u32).flat_map(|i| sha256(&i.to_le_bytes())).collect();
         let id = c.chunk_id(&random);
@@ -289,11 +323,12 @@ mod tests {
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 0x40;
-            let err = c.open(&id, &bad).unwrap_err();
+            let err = c.open(&id, bad, data.len()).unwrap_err();
             assert!(err.to_string().contains(&id.to_hex()), "{err}");
         }
         let other = c.chunk_id(b"other");
-        assert!(c.open(&other, &sealed).is_err(), "a chunk presented under another id must fail");
+        assert!(c.open(&other, sealed.clone(), data.len()).is_err(), "a chunk presented under another id must fail");
+        assert!(c.open(&id, sealed, data.len() + 1).is_err(), "a wrong length must fail");
     }
 
     #[test]
@@ -301,7 +336,7 @@ mod tests {
         let c = cipher();
         let d = ChunkCipher::new(&SecretKey::from_bytes([1; 32]), &SecretKey::from_bytes([3; 32]));
         let id = c.chunk_id(b"hello");
-        assert!(matches!(d.open(&id, &c.seal(&id, b"hello")), Err(CryptoError::Tampered { .. })));
+        assert!(matches!(d.open(&id, c.seal(&id, b"hello"), 5), Err(CryptoError::Tampered { .. })));
     }
 
     #[test]
@@ -316,7 +351,7 @@ mod tests {
             let c = cipher();
             let id = c.chunk_id(&data);
             let sealed = c.seal(&id, &data);
-            prop_assert_eq!(c.open(&id, &sealed).unwrap(), data);
+            prop_assert_eq!(c.open(&id, sealed, data.len()).unwrap(), data);
         }
     }
 }

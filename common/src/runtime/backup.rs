@@ -333,6 +333,9 @@ impl BackupSink {
     }
 }
 
+/// Reads the file, cutting chunks on this thread while a second thread computes the
+/// whole-file SHA-256 over the same buffers (the two passes are the pipeline's ceiling;
+/// side by side they use two cores).
 #[allow(clippy::too_many_arguments)]
 fn read_and_chunk<R: Read>(
     mut reader: R,
@@ -344,39 +347,53 @@ fn read_and_chunk<R: Read>(
     progress: &Progress,
     stats: &BackupStats,
 ) -> std::io::Result<(u64, [u8; 32])> {
+    let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
+    let hasher = std::thread::spawn(move || {
+        let mut h = FileHasher::default();
+        for buf in hash_rx {
+            h.update(&buf);
+        }
+        h.finish()
+    });
     let mut chunker = Chunker::new(params, seed);
-    let mut hasher = FileHasher::default();
-    let mut buf = vec![0u8; READ_BUFFER];
     let mut size = 0u64;
     let stopped = || std::io::Error::other("backup pipeline stopped");
     let emit = |chunk: Bytes| -> std::io::Result<()> {
         let permit = handle.block_on(budget.clone().acquire_many_owned(chunk.len() as u32)).map_err(|_| stopped())?;
         tx.blocking_send((chunk, permit)).map_err(|_| stopped())
     };
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        size += n as u64;
-        progress.add(n as u64);
-        stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-        hasher.update(&buf[..n]);
-        let mut rest = &buf[..n];
-        while !rest.is_empty() {
-            let (used, chunk) = chunker.push(rest);
-            rest = &rest[used..];
-            if let Some(c) = chunk {
-                emit(c)?;
+    let result = (|| {
+        loop {
+            let mut buf = vec![0u8; READ_BUFFER];
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            buf.truncate(n);
+            let buf = Bytes::from(buf);
+            size += n as u64;
+            progress.add(n as u64);
+            stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            hash_tx.send(buf.clone()).map_err(|_| std::io::Error::other("hash thread stopped"))?;
+            let mut rest = &buf[..];
+            while !rest.is_empty() {
+                let (used, chunk) = chunker.push(rest);
+                rest = &rest[used..];
+                if let Some(c) = chunk {
+                    emit(c)?;
+                }
             }
         }
-    }
-    while let Some(c) = chunker.finish() {
-        emit(c)?;
-    }
-    Ok((size, hasher.finish()))
+        while let Some(c) = chunker.finish() {
+            emit(c)?;
+        }
+        Ok(())
+    })();
+    drop(hash_tx);
+    let sha = hasher.join().map_err(|_| std::io::Error::other("hash thread panicked"))?;
+    result.map(|()| (size, sha))
 }
 
 /// Batches ids, asks the coordinator which are missing, forwards only those (once each).

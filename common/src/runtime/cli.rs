@@ -117,6 +117,17 @@ impl AgentArgs {
     }
 }
 
+/// The async runtime every agent runs on. Blocking threads (reads, hashing, sealing) are
+/// capped so per-thread allocator arenas and zstd contexts stay few.
+pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .max_blocking_threads(4 * cores + 4)
+        .enable_all()
+        .build()
+}
+
 /// One backup: begin, let the source stream into the sink, commit; abort on any failure so
 /// nothing partial becomes visible.
 pub async fn backup<S: Source>(ctx: &AgentContext, source: &S) -> Result<pb::SnapshotInfo, CliError> {

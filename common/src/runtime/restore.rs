@@ -2,8 +2,9 @@
 //! blocking threads, reassembled in order, and every file's SHA-256 is compared with the
 //! signed manifest before the restore is reported good.
 
-use std::io::Write;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use coffer_proto::v1 as pb;
@@ -27,7 +28,7 @@ pub struct RestoreOptions {
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        RestoreOptions { parallel: 4, batch_bytes: 8 << 20, quiet: false }
+        RestoreOptions { parallel: 4, batch_bytes: 4 << 20, quiet: false }
     }
 }
 
@@ -80,42 +81,143 @@ impl SnapshotReader {
 
     /// Writes the verified contents of file `path` to a new file at `dest` (fsynced).
     pub async fn restore_to_path(&self, path: &str, dest: &Path) -> Result<(), ClientError> {
+        self.restore_files(&[(path.to_string(), dest.to_path_buf())]).await
+    }
+
+    /// Restores many files into new files, keeping one download window across file
+    /// boundaries; each file is checked against its SHA-256 and fsynced (in the background,
+    /// all before this returns).
+    pub async fn restore_files(&self, files: &[(String, PathBuf)]) -> Result<(), ClientError> {
+        let dests: Vec<PathBuf> = files.iter().map(|(_, d)| d.clone()).collect();
+        let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<(PathBuf, File)>(64);
+        let syncer = tokio::task::spawn_blocking(move || {
+            for (path, f) in sync_rx {
+                f.sync_all()
+                    .map_err(|source| ClientError::Io { context: format!("syncing {}", path.display()), source })?;
+            }
+            Ok::<_, ClientError>(())
+        });
         let io = |context: String| move |source| ClientError::Io { context, source };
-        if let Some(dir) = dest.parent() {
-            std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        }
-        let f = std::fs::File::create(dest).map_err(io(format!("creating {}", dest.display())))?;
-        let f = self.restore_file(path, std::io::BufWriter::with_capacity(1 << 20, f)).await?;
-        let f = f
-            .into_inner()
-            .map_err(|e| ClientError::Io { context: format!("writing {}", dest.display()), source: e.into_error() })?;
-        f.sync_all().map_err(io(format!("syncing {}", dest.display())))
+        let open = {
+            let dests = dests.clone();
+            move |i: usize| -> Result<BufWriter<File>, ClientError> {
+                let dest = &dests[i];
+                if let Some(dir) = dest.parent() {
+                    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+                }
+                let f = File::create(dest).map_err(io(format!("creating {}", dest.display())))?;
+                Ok(BufWriter::with_capacity(1 << 20, f))
+            }
+        };
+        let finish = move |i: usize, w: BufWriter<File>| -> Result<(), ClientError> {
+            let dest = &dests[i];
+            let f = w.into_inner().map_err(|e| ClientError::Io {
+                context: format!("writing {}", dest.display()),
+                source: e.into_error(),
+            })?;
+            sync_tx.send((dest.clone(), f)).map_err(|_| ClientError::Protocol("sync thread stopped".into()))
+        };
+        let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+        let written = self.restore_into(&paths, open, finish).await;
+        let synced = syncer.await.map_err(|e| ClientError::Protocol(format!("sync thread: {e}")))?;
+        written?;
+        synced
     }
 
     /// Streams the verified contents of file `path` into `writer` and returns it.
     pub async fn restore_file<W: Write + Send + 'static>(&self, path: &str, writer: W) -> Result<W, ClientError> {
-        let entry = self.manifest().file(path).ok_or_else(|| self.corrupt(format!("has no file {path:?}")))?.clone();
-        let (tx, mut rx) = mpsc::channel::<Vec<Vec<u8>>>(2);
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let mut writer = Some(writer);
+        let open = move |_| writer.take().ok_or_else(|| ClientError::Protocol("file opened twice".into()));
+        let finish = move |_, w: W| tx.send(w).map_err(|_| ClientError::Protocol("receiver gone".into()));
+        self.restore_into(&[path], open, finish).await?;
+        rx.recv().map_err(|_| ClientError::Protocol("restored writer lost".into()))
+    }
+
+    /// The restore engine: one ordered stream of download batches over all `paths`, fetched
+    /// `parallel` at a time, decrypted and checked on blocking threads, written in order by
+    /// one writer thread that checks each file's size and SHA-256 before `finish`.
+    async fn restore_into<W, O, F>(&self, paths: &[&str], mut open: O, mut finish: F) -> Result<(), ClientError>
+    where
+        W: Write + Send + 'static,
+        O: FnMut(usize) -> Result<W, ClientError> + Send + 'static,
+        F: FnMut(usize, W) -> Result<(), ClientError> + Send + 'static,
+    {
+        let entries: Vec<FileEntry> = paths
+            .iter()
+            .map(|p| self.manifest().file(p).cloned().ok_or_else(|| self.corrupt(format!("has no file {p:?}"))))
+            .collect::<Result<_, _>>()?;
+        let (tx, mut rx) = mpsc::channel::<(usize, Vec<Vec<u8>>)>(2);
         let progress = self.progress.clone();
+        let snapshot = self.signed.info.id.clone();
+        let expected: Vec<(String, u64, String)> =
+            entries.iter().map(|e| (e.path.clone(), e.size, e.sha256.clone())).collect();
         let writer_task = tokio::task::spawn_blocking(move || {
-            let mut writer = writer;
-            let mut hasher = FileHasher::default();
-            let mut size = 0u64;
-            while let Some(batch) = rx.blocking_recv() {
+            let mut current: Option<(usize, W, FileHasher, u64)> = None;
+            let mut next = 0usize;
+            let mut close = |cur: (usize, W, FileHasher, u64)| -> Result<(), ClientError> {
+                let (i, mut w, hasher, size) = cur;
+                w.flush()
+                    .map_err(|source| ClientError::Io { context: format!("writing {}", expected[i].0), source })?;
+                let sha = hex::encode(hasher.finish());
+                let (path, want_size, want_sha) = &expected[i];
+                if size != *want_size || &sha != want_sha {
+                    return Err(ClientError::Corrupt {
+                        snapshot: snapshot.clone(),
+                        detail: format!(
+                            "file {path:?} restored to {size} bytes with SHA-256 {sha} but the manifest says {want_size} bytes, {want_sha}"
+                        ),
+                    });
+                }
+                finish(i, w)
+            };
+            let mut advance_to =
+                |target: usize, current: &mut Option<(usize, W, FileHasher, u64)>| -> Result<(), ClientError> {
+                    while current.as_ref().is_none_or(|c| c.0 < target) {
+                        if let Some(c) = current.take() {
+                            close(c)?;
+                        }
+                        if next > target {
+                            break;
+                        }
+                        *current = Some((next, open(next)?, FileHasher::default(), 0));
+                        next += 1;
+                    }
+                    Ok(())
+                };
+            while let Some((i, batch)) = rx.blocking_recv() {
+                advance_to(i, &mut current)?;
+                let (idx, w, hasher, size) = current.as_mut().expect("advanced to a file");
                 for chunk in batch {
                     hasher.update(&chunk);
-                    writer.write_all(&chunk)?;
-                    size += chunk.len() as u64;
+                    w.write_all(&chunk)
+                        .map_err(|source| ClientError::Io { context: format!("writing file #{idx}"), source })?;
+                    *size += chunk.len() as u64;
                     progress.add(chunk.len() as u64);
                 }
             }
-            writer.flush()?;
-            Ok::<_, std::io::Error>((writer, size, hasher.finish()))
+            // Files after the last batch (or empty files) still have to exist.
+            let total = expected.len();
+            if total > 0 {
+                advance_to(total - 1, &mut current)?;
+            }
+            if let Some(c) = current.take() {
+                close(c)?;
+            }
+            Ok::<_, ClientError>(())
         });
 
-        let batches = batch_refs(&entry.chunks, self.opts.batch_bytes);
-        let mut fetched =
-            futures::stream::iter(batches).map(|b| self.fetch_batch(&entry, b)).buffered(self.opts.parallel);
+        let jobs: Vec<(usize, Vec<ChunkRef>)> = entries
+            .iter()
+            .enumerate()
+            .flat_map(|(i, e)| batch_refs(&e.chunks, self.opts.batch_bytes).into_iter().map(move |b| (i, b)))
+            .collect();
+        let mut fetched = futures::stream::iter(jobs)
+            .map(|(i, b)| {
+                let entry = &entries[i];
+                async move { self.fetch_batch(entry, b).await.map(|v| (i, v)) }
+            })
+            .buffered(self.opts.parallel);
         let mut failure = None;
         while let Some(batch) = fetched.next().await {
             match batch {
@@ -130,22 +232,13 @@ impl SnapshotReader {
                 }
             }
         }
+        drop(fetched);
         drop(tx);
         let written = writer_task.await.map_err(|e| ClientError::Protocol(format!("writer thread: {e}")))?;
         if let Some(e) = failure {
             return Err(e);
         }
-        let (writer, size, sha) =
-            written.map_err(|source| ClientError::Io { context: format!("writing {path}"), source })?;
-        if size != entry.size || hex::encode(sha) != entry.sha256 {
-            return Err(self.corrupt(format!(
-                "file {path:?} restored to {size} bytes with SHA-256 {} but the manifest says {} bytes, {}",
-                hex::encode(sha),
-                entry.size,
-                entry.sha256
-            )));
-        }
-        Ok(writer)
+        written
     }
 
     async fn fetch_batch(&self, entry: &FileEntry, refs: Vec<ChunkRef>) -> Result<Vec<Vec<u8>>, ClientError> {
@@ -188,7 +281,8 @@ impl SnapshotReader {
                     if f.id != r.0.0 {
                         return Err(ClientError::Protocol(format!("chunk {} arrived out of order", r.0)));
                     }
-                    let plain = cipher.open(&r.0, &f.data).map_err(|e| corrupt(format!("file {path:?}: {e}")))?;
+                    let plain =
+                        cipher.open(&r.0, f.data, r.1 as usize).map_err(|e| corrupt(format!("file {path:?}: {e}")))?;
                     if plain.len() != r.1 as usize {
                         return Err(corrupt(format!(
                             "file {path:?}: chunk {} has length {}, manifest says {}",

@@ -454,6 +454,7 @@ async fn upload(
     tx: mpsc::Sender<std::result::Result<pb::UploadChunksResponse, Status>>,
 ) -> Result<()> {
     let mut writer: Option<PackWriter> = None;
+    let mut sealing: Vec<tokio::task::JoinHandle<Result<()>>> = Vec::new();
     let mut seen: HashSet<ChunkId> = HashSet::new();
     let mut next = Some(first);
     let outcome: Result<bool> = async {
@@ -506,7 +507,13 @@ async fn upload(
                     return Err(e.into());
                 }
                 if w.size() >= state.config.pack_size {
-                    seal(&state, &backup, w).await?;
+                    // Seal in the background so acknowledgements keep flowing; at most two
+                    // packs are sealing at once.
+                    if sealing.len() >= 2 {
+                        sealing.remove(0).await.map_err(|e| ServiceError::Internal(format!("seal task: {e}")))??;
+                    }
+                    let (state, backup) = (state.clone(), backup.clone());
+                    sealing.push(tokio::spawn(async move { seal(&state, &backup, w).await }));
                 } else {
                     writer = Some(w);
                 }
@@ -522,10 +529,16 @@ async fn upload(
     }
     .await;
     // Whatever ended the stream, acknowledged chunks are made durable so a retry skips them.
-    let sealed = match writer {
+    let mut sealed = match writer {
         Some(w) => seal(&state, &backup, w).await,
         None => Ok(()),
     };
+    for task in sealing {
+        let r = task.await.map_err(|e| ServiceError::Internal(format!("seal task: {e}"))).and_then(|r| r);
+        if sealed.is_ok() {
+            sealed = r;
+        }
+    }
     let clean = outcome?;
     sealed?;
     if clean {
