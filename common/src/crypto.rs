@@ -4,15 +4,19 @@
 //! Stored chunk format, version 1:
 //!
 //! ```text
-//! [0]    format version (1)
-//! [1]    compression: 0 = none, 1 = zstd
-//! [2..]  AES-256-GCM(key = HKDF-SHA256(data key, "coffer-chunk-v1" || id), nonce = 0,
-//!                     aad = id || bytes[0..2]) of the (maybe compressed) plaintext, with tag
+//! [0]      format version (1)
+//! [1]      compression: 0 = none, 1 = zstd
+//! [2..14]  96-bit random nonce
+//! [14..]   AES-256-GCM(key = HKDF-SHA256(data key, "coffer-chunk-v1" || id),
+//!                      aad = id || bytes[0..2]) of the (maybe compressed) plaintext, with tag
 //! ```
 //!
-//! Every distinct plaintext gets its own key (its id is a keyed hash of it), so a fixed nonce
-//! is never used twice under one key. Identical plaintext encrypts to identical bytes, which
-//! is what lets the coordinator deduplicate ciphertext it cannot read.
+//! Every distinct plaintext gets its own key (its id is a keyed hash of it), and a key only
+//! ever encrypts that one plaintext, a handful of times at most (a chunk is re-sealed only
+//! when an upload is retried). The random nonce makes even those re-seals safe when their
+//! bodies differ (another zstd version, or a chunk stored raw once and compressed once): no
+//! key and nonce pair can repeat in practice. The coordinator deduplicates by chunk id, so
+//! ciphertext need not be deterministic.
 
 use std::fmt;
 
@@ -25,9 +29,12 @@ use crate::chunker::MAX_CHUNK_SIZE;
 
 pub const CHUNK_FORMAT: u8 = 1;
 const HEADER_LEN: usize = 2;
+const NONCE_LEN: usize = 12;
+/// Bytes before the ciphertext: format, compression, nonce.
+const PREFIX_LEN: usize = HEADER_LEN + NONCE_LEN;
 const TAG_LEN: usize = 16;
-/// Largest stored chunk: the largest plaintext, uncompressed, plus header and tag.
-pub const MAX_STORED_CHUNK: usize = MAX_CHUNK_SIZE as usize + HEADER_LEN + TAG_LEN;
+/// Largest stored chunk: the largest plaintext, uncompressed, plus header, nonce and tag.
+pub const MAX_STORED_CHUNK: usize = MAX_CHUNK_SIZE as usize + PREFIX_LEN + TAG_LEN;
 /// zstd level used for chunks: level 1 keeps compression off the critical path.
 const ZSTD_LEVEL: i32 = 1;
 
@@ -165,9 +172,12 @@ impl ChunkCipher {
     /// straight into the output buffer with a per-thread zstd context.
     pub fn seal(&self, id: &ChunkId, plaintext: &[u8]) -> Vec<u8> {
         let bound = zstd::zstd_safe::compress_bound(plaintext.len());
-        let mut out = std::io::Cursor::new(Vec::with_capacity(HEADER_LEN + bound.max(plaintext.len()) + TAG_LEN));
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::getrandom(&mut nonce).expect("the operating system's random source failed");
+        let mut out = std::io::Cursor::new(Vec::with_capacity(PREFIX_LEN + bound.max(plaintext.len()) + TAG_LEN));
         out.get_mut().extend_from_slice(&[CHUNK_FORMAT, 1]);
-        out.set_position(HEADER_LEN as u64);
+        out.get_mut().extend_from_slice(&nonce);
+        out.set_position(PREFIX_LEN as u64);
         let compressed = COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
             match c.as_mut() {
@@ -180,7 +190,7 @@ impl ChunkCipher {
         let mode = match compressed {
             Some(n) if n + plaintext.len() / 32 < plaintext.len() => 1,
             _ => {
-                out.truncate(HEADER_LEN);
+                out.truncate(PREFIX_LEN);
                 out[1] = 0;
                 out.extend_from_slice(plaintext);
                 0
@@ -189,7 +199,7 @@ impl ChunkCipher {
         let aad = aad(id, [CHUNK_FORMAT, mode]);
         let tag = self
             .chunk_key(id)
-            .seal_in_place_separate_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(&aad), &mut out[HEADER_LEN..])
+            .seal_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut out[PREFIX_LEN..])
             .expect("AES-GCM sealing of an in-memory buffer cannot fail");
         out.extend_from_slice(tag.as_ref());
         out
@@ -202,17 +212,18 @@ impl ChunkCipher {
         if stored.len() > MAX_STORED_CHUNK || expected_len > MAX_CHUNK_SIZE as usize {
             return Err(CryptoError::TooLarge { id: *id, len: stored.len(), max: MAX_STORED_CHUNK });
         }
-        if stored.len() < HEADER_LEN + TAG_LEN {
-            return Err(tampered("shorter than header and tag"));
+        if stored.len() < PREFIX_LEN + TAG_LEN {
+            return Err(tampered("shorter than header, nonce and tag"));
         }
         let header = [stored[0], stored[1]];
         if header[0] != CHUNK_FORMAT {
             return Err(tampered(&format!("unknown chunk format {}", header[0])));
         }
         let aad = aad(id, header);
+        let nonce: [u8; NONCE_LEN] = stored[HEADER_LEN..PREFIX_LEN].try_into().expect("12 bytes");
         let body_len = self
             .chunk_key(id)
-            .open_within(Nonce::assume_unique_for_key([0; 12]), Aad::from(&aad), &mut stored, HEADER_LEN..)
+            .open_within(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut stored, PREFIX_LEN..)
             .map_err(|_| tampered("authentication tag does not verify"))?
             .len();
         stored.truncate(body_len);
@@ -303,7 +314,7 @@ mod tests {
         let id = c.chunk_id(&random);
         let sealed = c.seal(&id, &random);
         assert_eq!(sealed[1], 0);
-        assert_eq!(sealed.len(), random.len() + HEADER_LEN + TAG_LEN);
+        assert_eq!(sealed.len(), random.len() + PREFIX_LEN + TAG_LEN);
     }
 
     #[test]
@@ -337,6 +348,15 @@ mod tests {
         let d = ChunkCipher::new(&SecretKey::from_bytes([1; 32]), &SecretKey::from_bytes([3; 32]));
         let id = c.chunk_id(b"hello");
         assert!(matches!(d.open(&id, c.seal(&id, b"hello"), 5), Err(CryptoError::Tampered { .. })));
+    }
+
+    #[test]
+    fn re_sealing_uses_a_fresh_nonce() {
+        let c = cipher();
+        let id = c.chunk_id(b"same plaintext");
+        let (a, b) = (c.seal(&id, b"same plaintext"), c.seal(&id, b"same plaintext"));
+        assert_ne!(a[HEADER_LEN..PREFIX_LEN], b[HEADER_LEN..PREFIX_LEN]);
+        assert_eq!(c.open(&id, a, 14).unwrap(), c.open(&id, b, 14).unwrap());
     }
 
     #[test]

@@ -43,6 +43,8 @@ pub fn init(service: &'static str, format: LogFormat) -> Telemetry {
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
     };
+    // W3C trace context travels in gRPC metadata whether or not spans are exported here.
+    opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
     let mut provider = None;
     let otel =
         std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").and_then(|_| match opentelemetry_otlp::SpanExporter::builder()
@@ -55,9 +57,6 @@ pub fn init(service: &'static str, format: LogFormat) -> Telemetry {
                     .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
                     .build();
                 let tracer = p.tracer(service);
-                opentelemetry::global::set_text_map_propagator(
-                    opentelemetry_sdk::propagation::TraceContextPropagator::new(),
-                );
                 opentelemetry::global::set_tracer_provider(p.clone());
                 provider = Some(p);
                 Some(tracing_opentelemetry::layer().with_tracer(tracer))

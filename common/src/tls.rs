@@ -115,16 +115,11 @@ impl ClientTls<'_> {
         if let Some(warning) = crate::identity::permission_warning(self.key) {
             tracing::warn!("{warning}");
         }
-        let host = self
-            .url
-            .strip_prefix("https://")
-            .and_then(|r| r.split(['/', ':']).next())
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| TlsError::BadUrl(self.url.to_string()))?;
+        let host = host_of(self.url).ok_or_else(|| TlsError::BadUrl(self.url.to_string()))?;
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(read(self.ca)?))
             .identity(Identity::from_pem(read(self.cert)?, read(self.key)?))
-            .domain_name(host.trim_start_matches('[').trim_end_matches(']'));
+            .domain_name(host);
         let endpoint = Endpoint::from_shared(self.url.to_string())
             .map_err(|_| TlsError::BadUrl(self.url.to_string()))?
             .tls_config(tls)
@@ -136,9 +131,28 @@ impl ClientTls<'_> {
     }
 }
 
+/// Host of an `https://host[:port][/...]` URL; IPv6 literals come without brackets.
+fn host_of(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("https://")?;
+    let host = match rest.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => rest.split(['/', ':']).next()?,
+    };
+    (!host.is_empty()).then_some(host)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_of_urls() {
+        assert_eq!(host_of("https://127.0.0.1:7443"), Some("127.0.0.1"));
+        assert_eq!(host_of("https://[::1]:7443/x"), Some("::1"));
+        assert_eq!(host_of("https://coffer.example"), Some("coffer.example"));
+        assert_eq!(host_of("http://x"), None);
+        assert_eq!(host_of("https://:1"), None);
+    }
 
     #[test]
     fn parses_spiffe_ids() {

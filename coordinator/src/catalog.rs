@@ -1,7 +1,8 @@
 //! The catalog: assets, agents, packs, chunk locations, backups in flight and snapshots, in
 //! SQLite (WAL, synchronous=FULL). It is a cache of the repository: everything in it can be
-//! rebuilt from the repository's files (see `server::reconcile`). Queries are plain SQL that
-//! PostgreSQL also accepts, so a shared catalog can follow.
+//! rebuilt from the repository's files (see `server::reconcile`). Queries are plain SQL kept
+//! close to what PostgreSQL accepts (placeholders and `WITHOUT ROWID` aside), so a shared
+//! catalog can follow behind the same methods.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -413,15 +414,6 @@ impl Catalog {
                 }
             })
             .collect())
-    }
-
-    /// Every stored chunk of a pack, with its asset name (for verification).
-    pub async fn pack_asset(&self, pack_id: &str) -> Result<Option<String>> {
-        Ok(sqlx::query("SELECT a.name FROM packs p JOIN assets a ON a.id = p.asset_id WHERE p.id = ?")
-            .bind(pack_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .map(|r| r.get(0)))
     }
 }
 

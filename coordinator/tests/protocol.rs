@@ -140,15 +140,60 @@ async fn commit_requires_a_valid_signature_and_durable_chunks() {
     assert!(st.message().contains(&ChunkId([9; 32]).to_hex()), "{}", st.message());
     assert!(coord.list_snapshots("git/a", 0).await.unwrap().is_empty());
 
-    // The same manifest committed twice (a retry) yields one snapshot.
+    // A commit retried after it succeeded (its answer lost) yields the same one snapshot.
     let mut sink =
         BackupSink::begin(&coord, &keyring, "git/a", "git", PipelineOptions { quiet: true, ..Default::default() })
             .await
             .unwrap();
     sink.add_bytes("f", b"hello world".repeat(1000)).await.unwrap();
     let info = sink.commit(&me, Default::default()).await.unwrap();
+    let stored = coord.manifest("git/a", "latest").await.unwrap().unwrap();
+    assert_eq!(stored.info.id, info.id);
+    let again = raw
+        .commit_backup(pb::CommitBackupRequest {
+            snapshot_id: info.id.clone(),
+            manifest: stored.bytes.clone(),
+            signature: stored.signature.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.snapshot.unwrap().id, info.id);
     assert_eq!(coord.list_snapshots("git/a", 0).await.unwrap().len(), 1);
-    assert_eq!(coord.manifest("git/a", "latest").await.unwrap().unwrap().info.id, info.id);
+}
+
+#[tokio::test]
+async fn many_files_restore_in_order_across_batches() {
+    let s = start().await;
+    let me = AgentIdentity::generate("me");
+    let coord = connect(&s, "agent-git-1", &me).await;
+    let keyring = coord.keyring("git/a", &me, &[]).await.unwrap();
+    let opts = PipelineOptions { quiet: true, ..Default::default() };
+    let mut sink = BackupSink::begin(&coord, &keyring, "git/a", "git", opts).await.unwrap();
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("empty".into(), vec![]),
+        ("big".into(), (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect()),
+        ("dir/small".into(), b"small".to_vec()),
+        ("dir/also-empty".into(), vec![]),
+        ("last".into(), (0..700_000u32).map(|i| (i % 13) as u8).collect()),
+    ];
+    for (p, d) in &files {
+        sink.add_bytes(p, d.clone()).await.unwrap();
+    }
+    sink.commit(&me, Default::default()).await.unwrap();
+
+    // Small batches force many batches per file and files sharing the download window.
+    let opts = coffer_common::runtime::restore::RestoreOptions { parallel: 3, batch_bytes: 200_000, quiet: true };
+    let reader = coffer_common::runtime::SnapshotReader::open(&coord, &keyring, "git/a", "latest", opts).await.unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let targets: Vec<(String, PathBuf)> = files.iter().map(|(p, _)| (p.clone(), out.path().join(p))).collect();
+    reader.restore_files(&targets).await.unwrap();
+    for (p, d) in &files {
+        assert_eq!(&std::fs::read(out.path().join(p)).unwrap(), d, "{p}");
+    }
+    let one = reader.restore_file("big", Vec::new()).await.unwrap();
+    assert_eq!(one, files[1].1);
+    assert!(reader.restore_file("nope", Vec::new()).await.is_err());
 }
 
 #[tokio::test]

@@ -23,6 +23,7 @@ use futures::StreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use super::SourceError;
 use super::client::{ClientError, Coordinator, SignedManifest};
@@ -54,7 +55,7 @@ pub struct PipelineOptions {
 impl Default for PipelineOptions {
     fn default() -> Self {
         PipelineOptions {
-            memory_budget: 64 << 20,
+            memory_budget: 32 << 20,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
             quiet: false,
         }
@@ -137,10 +138,15 @@ impl BackupSink {
         let (id_tx, id_rx) = mpsc::channel(ID_CHANNEL);
         let (seal_tx, seal_rx) = mpsc::channel(SEAL_CHANNEL);
         let (up_tx, up_rx) = mpsc::channel(UPLOAD_CHANNEL);
+        // Stages run in the caller's span, so their calls carry the backup's trace context.
         let stages = vec![
-            tokio::spawn(dedup_stage(coord.clone(), asset.to_string(), id_rx, seal_tx, stats.clone())),
-            tokio::spawn(seal_stage(cipher.clone(), seal_rx, up_tx, opts.workers)),
-            tokio::spawn(upload_stage(coord.clone(), begun.snapshot_id.clone(), up_rx, stats.clone())),
+            tokio::spawn(
+                dedup_stage(coord.clone(), asset.to_string(), id_rx, seal_tx, stats.clone()).in_current_span(),
+            ),
+            tokio::spawn(seal_stage(cipher.clone(), seal_rx, up_tx, opts.workers).in_current_span()),
+            tokio::spawn(
+                upload_stage(coord.clone(), begun.snapshot_id.clone(), up_rx, stats.clone()).in_current_span(),
+            ),
         ];
         tracing::info!(asset, snapshot = %begun.snapshot_id, incremental_from = previous.as_ref().map(|p| p.info.id.as_str()), "backup started");
         Ok(BackupSink {
@@ -347,11 +353,19 @@ fn read_and_chunk<R: Read>(
     progress: &Progress,
     stats: &BackupStats,
 ) -> std::io::Result<(u64, [u8; 32])> {
-    let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Bytes>(4);
+    // Read buffers circulate between this thread and the hash thread: no allocation (and no
+    // page faults) per read.
+    const BUFFERS: usize = 4;
+    let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<(Arc<Vec<u8>>, usize)>(BUFFERS);
+    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(BUFFERS);
+    for _ in 0..BUFFERS {
+        free_tx.send(Arc::new(vec![0u8; READ_BUFFER])).expect("channel has room");
+    }
     let hasher = std::thread::spawn(move || {
         let mut h = FileHasher::default();
-        for buf in hash_rx {
-            h.update(&buf);
+        for (buf, n) in hash_rx {
+            h.update(&buf[..n]);
+            let _ = free_tx.send(buf);
         }
         h.finish()
     });
@@ -364,20 +378,24 @@ fn read_and_chunk<R: Read>(
     };
     let result = (|| {
         loop {
-            let mut buf = vec![0u8; READ_BUFFER];
+            let shared = free_rx.recv().map_err(|_| std::io::Error::other("hash thread stopped"))?;
+            // Unique again: this thread dropped its clone before taking the next buffer.
+            let mut buf = Arc::try_unwrap(shared).unwrap_or_else(|a| (*a).clone());
             let n = match reader.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                    let _ = hash_tx.send((Arc::new(buf), 0));
+                    continue;
+                }
                 Err(e) => return Err(e),
             };
-            buf.truncate(n);
-            let buf = Bytes::from(buf);
             size += n as u64;
             progress.add(n as u64);
             stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-            hash_tx.send(buf.clone()).map_err(|_| std::io::Error::other("hash thread stopped"))?;
-            let mut rest = &buf[..];
+            let buf = Arc::new(buf);
+            hash_tx.send((buf.clone(), n)).map_err(|_| std::io::Error::other("hash thread stopped"))?;
+            let mut rest = &buf[..n];
             while !rest.is_empty() {
                 let (used, chunk) = chunker.push(rest);
                 rest = &rest[used..];

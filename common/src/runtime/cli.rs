@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use coffer_proto::v1 as pb;
+use tracing::Instrument;
 
 use super::backup::{BackupSink, PipelineOptions};
 use super::client::{ClientError, Coordinator};
@@ -44,7 +45,7 @@ pub struct AgentArgs {
     #[arg(long, global = true, env = "COFFER_RECOVERY_RECIPIENT", value_delimiter = ',')]
     pub recovery_recipient: Vec<String>,
     /// Bytes of chunk data in flight (reading to acknowledgement).
-    #[arg(long, global = true, env = "COFFER_MEMORY_BUDGET", default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, global = true, env = "COFFER_MEMORY_BUDGET", default_value = "32MiB", value_parser = parse_size)]
     pub memory_budget: u64,
     /// Parallel download streams during restore.
     #[arg(long, global = true, env = "COFFER_RESTORE_PARALLEL", default_value_t = 4)]
@@ -131,6 +132,12 @@ pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// One backup: begin, let the source stream into the sink, commit; abort on any failure so
 /// nothing partial becomes visible.
 pub async fn backup<S: Source>(ctx: &AgentContext, source: &S) -> Result<pb::SnapshotInfo, CliError> {
+    // One span for the whole backup: every call below carries its trace context.
+    let span = tracing::info_span!("backup", asset = %ctx.asset, kind = source.kind());
+    backup_inner(ctx, source).instrument(span).await
+}
+
+async fn backup_inner<S: Source>(ctx: &AgentContext, source: &S) -> Result<pb::SnapshotInfo, CliError> {
     let mut sink = BackupSink::begin(&ctx.coord, &ctx.keyring, &ctx.asset, source.kind(), ctx.args.pipeline()).await?;
     match source.backup(&mut sink).await {
         Ok(meta) => Ok(sink.commit(&ctx.identity, meta).await?),
@@ -143,6 +150,11 @@ pub async fn backup<S: Source>(ctx: &AgentContext, source: &S) -> Result<pb::Sna
 
 /// Restore a snapshot into `to`, then verify it with the source's own check.
 pub async fn restore<S: Source>(ctx: &AgentContext, source: &S, snapshot: &str, to: &Path) -> Result<(), CliError> {
+    let span = tracing::info_span!("restore", asset = %ctx.asset, snapshot);
+    restore_inner(ctx, source, snapshot, to).instrument(span).await
+}
+
+async fn restore_inner<S: Source>(ctx: &AgentContext, source: &S, snapshot: &str, to: &Path) -> Result<(), CliError> {
     let reader =
         SnapshotReader::open(&ctx.coord, &ctx.keyring, &ctx.asset, snapshot, ctx.args.restore_options()).await?;
     source.restore(&reader, to).await?;

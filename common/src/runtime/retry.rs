@@ -19,10 +19,10 @@ impl Default for RetryPolicy {
     }
 }
 
-/// Transport failures, overload and deadline errors are worth retrying; everything the
-/// coordinator decided (permission, invalid input, data loss) is not.
+/// Transport failures and deadline errors are worth retrying; everything the coordinator
+/// decided (permission, invalid input, data loss, a full disk) is not.
 pub fn is_retryable(status: &tonic::Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::ResourceExhausted | Code::Aborted | Code::DeadlineExceeded)
+    matches!(status.code(), Code::Unavailable | Code::Aborted | Code::DeadlineExceeded)
         || (status.code() == Code::Unknown && status.message().contains("transport"))
 }
 

@@ -94,7 +94,8 @@ impl AgentApi {
                 who.name
             )));
         }
-        st.repo.write_agent_key(&who.name, &r.signing_key)?;
+        let (repo, name, key) = (st.repo.clone(), who.name.clone(), r.signing_key.clone());
+        blocking(move || repo.write_agent_key(&name, &key)).await??;
         st.catalog.upsert_agent(&who.name, r.signing_key.trim(), &r.age_recipient, &r.agent_version).await?;
         tracing::info!(agent = %who, version = %r.agent_version, "agent registered");
         Ok(pb::HelloResponse {
@@ -117,7 +118,8 @@ impl AgentApi {
                 req.get_ref().kind
             )));
         }
-        let free = self.state.repo.free_space()?;
+        let repo = self.state.repo.clone();
+        let free = blocking(move || repo.free_space()).await??;
         if free < self.state.config.min_free_space {
             return Err(ServiceError::ResourceExhausted(format!(
                 "coordinator disk has {} free, below the {} minimum (min-free-space); refusing new backups",
@@ -528,7 +530,9 @@ async fn upload(
         }
     }
     .await;
-    // Whatever ended the stream, acknowledged chunks are made durable so a retry skips them.
+    // Whatever ended the stream, acknowledged chunks are sealed so a retry skips them (unless
+    // the write itself failed, e.g. disk full: then the open pack is discarded, and nothing
+    // unsealed was ever indexed).
     let mut sealed = match writer {
         Some(w) => seal(&state, &backup, w).await,
         None => Ok(()),

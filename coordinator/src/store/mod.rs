@@ -106,6 +106,16 @@ impl Repo {
         Ok(repo)
     }
 
+    /// Opens an existing repository without changing anything (for read-only tools such as
+    /// `verify`, which may run beside a live coordinator).
+    pub fn open_existing(root: &Path) -> Result<Repo, StoreError> {
+        let cfg_path = root.join("config.json");
+        let b = fs::read(&cfg_path).map_err(StoreError::io(format!("reading {}", cfg_path.display())))?;
+        let config: RepoConfig = serde_json::from_slice(&b)
+            .map_err(|e| StoreError::Corrupt { what: cfg_path.display().to_string(), detail: e.to_string() })?;
+        Ok(Repo { root: root.to_path_buf(), config })
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
