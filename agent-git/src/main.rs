@@ -10,11 +10,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use coffer_common::runtime::cli::{self, AgentArgs};
 
-/// mimalloc: less fragmentation than glibc's per-thread arenas under the pipeline's
-/// many short-lived chunk buffers (lower peak RSS, less time in the allocator).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Coffer agent for git repositories.
 #[derive(Parser, Debug)]
 #[command(name = "agent-git", version)]
@@ -90,6 +85,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    cli::limit_malloc_arenas();
     let rt = match cli::tokio_runtime() {
         Ok(rt) => rt,
         Err(e) => {

@@ -16,11 +16,6 @@ use coffer_common::runtime::{Source, SourceError};
 
 use crate::source::DirSource;
 
-/// mimalloc: less fragmentation than glibc's per-thread arenas under the pipeline's
-/// many short-lived chunk buffers (lower peak RSS, less time in the allocator).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Coffer bench agent: backs up and restores a directory tree (asset kind `files`).
 #[derive(Parser, Debug)]
 #[command(name = "bench-agent", version)]
@@ -94,6 +89,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    cli::limit_malloc_arenas();
     let rt = match cli::tokio_runtime() {
         Ok(rt) => rt,
         Err(e) => {

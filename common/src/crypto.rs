@@ -205,8 +205,11 @@ impl ChunkCipher {
         out
     }
 
-    /// Decrypts (in place), decompresses and checks that the plaintext hashes to `id` and
-    /// is `expected_len` bytes long.
+    /// Decrypts (in place) and decompresses a chunk, checking that it is `expected_len`
+    /// bytes long. Authentication binds the chunk to `id`: its key is derived from the id
+    /// and the id is in the associated data, so only a holder of the data key could have
+    /// sealed these bytes as this chunk. Restore relies on that plus each file's SHA-256;
+    /// [`ChunkCipher::open_and_check_id`] also recomputes the keyed id of the plaintext.
     pub fn open(&self, id: &ChunkId, mut stored: Vec<u8>, expected_len: usize) -> Result<Vec<u8>, CryptoError> {
         let tampered = |detail: &str| CryptoError::Tampered { id: *id, detail: detail.to_string() };
         if stored.len() > MAX_STORED_CHUNK || expected_len > MAX_CHUNK_SIZE as usize {
@@ -244,8 +247,20 @@ impl ChunkCipher {
         if plaintext.len() != expected_len {
             return Err(tampered(&format!("plaintext is {} bytes, expected {expected_len}", plaintext.len())));
         }
+        Ok(plaintext)
+    }
+
+    /// [`ChunkCipher::open`], then checks that the plaintext hashes to `id` under the id key
+    /// (for single-chunk checks with no whole-file hash to fall back on).
+    pub fn open_and_check_id(
+        &self,
+        id: &ChunkId,
+        stored: Vec<u8>,
+        expected_len: usize,
+    ) -> Result<Vec<u8>, CryptoError> {
+        let plaintext = self.open(id, stored, expected_len)?;
         if self.chunk_id(&plaintext) != *id {
-            return Err(tampered("plaintext does not hash to its id"));
+            return Err(CryptoError::Tampered { id: *id, detail: "plaintext does not hash to its id".into() });
         }
         Ok(plaintext)
     }
@@ -339,6 +354,8 @@ mod tests {
         }
         let other = c.chunk_id(b"other");
         assert!(c.open(&other, sealed.clone(), data.len()).is_err(), "a chunk presented under another id must fail");
+        assert!(c.open_and_check_id(&other, sealed.clone(), data.len()).is_err());
+        assert_eq!(c.open_and_check_id(&id, sealed.clone(), data.len()).unwrap(), data);
         assert!(c.open(&id, sealed, data.len() + 1).is_err(), "a wrong length must fail");
     }
 

@@ -7,11 +7,6 @@ use coffer_common::telemetry::{self, LogFormat};
 use coffer_coordinator::config::Config;
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc: less fragmentation than glibc's per-thread arenas under the pipeline's
-/// many short-lived chunk buffers (lower peak RSS, less time in the allocator).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Coffer coordinator.
 #[derive(Parser, Debug)]
 #[command(name = "coordinator", version)]
@@ -88,6 +83,7 @@ fn load(common: &Common) -> anyhow::Result<(Config, PathBuf)> {
 }
 
 fn main() -> anyhow::Result<()> {
+    coffer_common::runtime::cli::limit_malloc_arenas();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Certs { cmd: CertsCmd::Init { out, agents, admins } } => {

@@ -339,11 +339,12 @@ impl BackupSink {
     }
 }
 
-/// Reads the file, cutting chunks on this thread while a second thread computes the
-/// whole-file SHA-256 over the same buffers (the two passes are the pipeline's ceiling;
-/// side by side they use two cores).
+/// Reads, hashes and chunks one file on three threads joined by bounded channels: a reader
+/// (so disk waits overlap with CPU work), a hasher (the whole-file SHA-256) and the chunker
+/// (this thread). A fixed set of read buffers travels reader -> hasher -> chunker -> reader,
+/// so nothing is allocated per read.
 #[allow(clippy::too_many_arguments)]
-fn read_and_chunk<R: Read>(
+fn read_and_chunk<R: Read + Send + 'static>(
     mut reader: R,
     params: ChunkerParams,
     seed: u64,
@@ -353,48 +354,52 @@ fn read_and_chunk<R: Read>(
     progress: &Progress,
     stats: &BackupStats,
 ) -> std::io::Result<(u64, [u8; 32])> {
-    // Read buffers circulate between this thread and the hash thread: no allocation (and no
-    // page faults) per read.
+    use std::sync::mpsc::sync_channel;
     const BUFFERS: usize = 4;
-    let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<(Arc<Vec<u8>>, usize)>(BUFFERS);
-    let (free_tx, free_rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(BUFFERS);
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(BUFFERS);
     for _ in 0..BUFFERS {
-        free_tx.send(Arc::new(vec![0u8; READ_BUFFER])).expect("channel has room");
+        free_tx.send(vec![0u8; READ_BUFFER]).expect("channel has room");
     }
+    let (read_tx, read_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    let (hashed_tx, hashed_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS);
+    let reader_thread = std::thread::spawn(move || -> std::io::Result<u64> {
+        let mut total = 0u64;
+        // A closed channel means the consumer stopped; its error is reported there.
+        while let Ok(mut buf) = free_rx.recv() {
+            let n = loop {
+                match reader.read(&mut buf) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            };
+            if n == 0 || read_tx.send((buf, n)).is_err() {
+                break;
+            }
+            total += n as u64;
+        }
+        Ok(total)
+    });
     let hasher = std::thread::spawn(move || {
         let mut h = FileHasher::default();
-        for (buf, n) in hash_rx {
+        for (buf, n) in read_rx {
             h.update(&buf[..n]);
-            let _ = free_tx.send(buf);
+            if hashed_tx.send((buf, n)).is_err() {
+                break;
+            }
         }
         h.finish()
     });
     let mut chunker = Chunker::new(params, seed);
-    let mut size = 0u64;
     let stopped = || std::io::Error::other("backup pipeline stopped");
     let emit = |chunk: Bytes| -> std::io::Result<()> {
         let permit = handle.block_on(budget.clone().acquire_many_owned(chunk.len() as u32)).map_err(|_| stopped())?;
         tx.blocking_send((chunk, permit)).map_err(|_| stopped())
     };
-    let result = (|| {
-        loop {
-            let shared = free_rx.recv().map_err(|_| std::io::Error::other("hash thread stopped"))?;
-            // Unique again: this thread dropped its clone before taking the next buffer.
-            let mut buf = Arc::try_unwrap(shared).unwrap_or_else(|a| (*a).clone());
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                    let _ = hash_tx.send((Arc::new(buf), 0));
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            size += n as u64;
+    let chunked = (move || {
+        for (buf, n) in hashed_rx {
             progress.add(n as u64);
             stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-            let buf = Arc::new(buf);
-            hash_tx.send((buf.clone(), n)).map_err(|_| std::io::Error::other("hash thread stopped"))?;
             let mut rest = &buf[..n];
             while !rest.is_empty() {
                 let (used, chunk) = chunker.push(rest);
@@ -403,15 +408,16 @@ fn read_and_chunk<R: Read>(
                     emit(c)?;
                 }
             }
+            let _ = free_tx.send(buf);
         }
         while let Some(c) = chunker.finish() {
             emit(c)?;
         }
         Ok(())
     })();
-    drop(hash_tx);
+    let size = reader_thread.join().map_err(|_| std::io::Error::other("reader thread panicked"))??;
     let sha = hasher.join().map_err(|_| std::io::Error::other("hash thread panicked"))?;
-    result.map(|()| (size, sha))
+    chunked.map(|()| (size, sha))
 }
 
 /// Batches ids, asks the coordinator which are missing, forwards only those (once each).

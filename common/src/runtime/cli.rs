@@ -118,6 +118,23 @@ impl AgentArgs {
     }
 }
 
+/// Caps glibc's malloc arenas at two. The pipeline allocates chunk buffers on one thread
+/// and frees them on another; with glibc's default of up to 8 arenas per core that
+/// fragments into a peak RSS far above the memory budget (measured: 146-172 MiB with a
+/// 32-64 MiB budget; about 100 MiB with two arenas, and less time in the allocator).
+/// Equivalent to `MALLOC_ARENA_MAX=2`, which still wins if set.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only adjusts allocator tuning; it is called at start-up before
+        // other threads exist, with a documented parameter and value.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 /// The async runtime every agent runs on. Blocking threads (reads, hashing, sealing) are
 /// capped so per-thread allocator arenas and zstd contexts stay few.
 pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
