@@ -77,30 +77,5 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
 }
 
 fn main() -> ExitCode {
-    let cli: Cli = match coffer_common::layered::parse() {
-        Ok(c) => c,
-        Err(coffer_common::layered::ConfigError::Cli(e)) => e.exit(),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    cli::limit_malloc_arenas();
-    let rt = match cli::tokio_runtime() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: starting the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    rt.block_on(async move {
-        let _t = coffer_common::telemetry::init("coffer-agent-git", cli.agent.log_format);
-        match run(cli).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    cli::agent_main("coffer-agent-git", |c: &Cli| c.agent.log_format, run)
 }

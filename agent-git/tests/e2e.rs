@@ -43,27 +43,11 @@ impl Env {
 }
 
 fn new_bytes(backup_stdout: &str) -> u64 {
-    // "snapshot ID of ASSET: SIZE in N file(s), NEW new" -> parse the "NEW" size.
-    let s = backup_stdout.trim();
-    let part = s.rsplit(", ").next().unwrap().trim_end_matches(" new");
-    parse_size(part)
-}
-
-fn parse_size(s: &str) -> u64 {
-    let (n, unit) = s.split_once(' ').unwrap();
-    let n: f64 = n.parse().unwrap();
-    let m = match unit {
-        "B" => 1.0,
-        "KiB" => 1024.0,
-        "MiB" => 1048576.0,
-        "GiB" => 1073741824.0,
-        _ => panic!("unit {unit}"),
-    };
-    (n * m) as u64
+    kit::backup_line(backup_stdout).2
 }
 
 fn snapshot_of(backup_stdout: &str) -> String {
-    backup_stdout.split_whitespace().nth(1).unwrap().to_string()
+    kit::backup_line(backup_stdout).0
 }
 
 #[test]

@@ -51,29 +51,6 @@ fn big_repo(dir: &Path, files: usize, size: usize) -> PathBuf {
     kit::git_repo(dir, &refs)
 }
 
-/// "snapshot ID of ASSET: SIZE in N file(s), NEW new" -> (id, size, new) in bytes.
-fn parse_backup(out: &str) -> (String, u64, u64) {
-    let size_of = |s: &str| {
-        let (n, unit) = s.trim().split_once(' ').unwrap();
-        let n: f64 = n.parse().unwrap();
-        let m = match unit {
-            "B" => 1.0,
-            "KiB" => 1024.0,
-            "MiB" => 1048576.0,
-            "GiB" => 1073741824.0,
-            u => panic!("unit {u}"),
-        };
-        (n * m) as u64
-    };
-    let line =
-        out.lines().find(|l| l.starts_with("snapshot ")).unwrap_or_else(|| panic!("no snapshot line in {out:?}"));
-    let id = line.split_whitespace().nth(1).unwrap().to_string();
-    let after = line.split_once(": ").unwrap().1;
-    let (size, rest) = after.split_once(" in ").unwrap();
-    let new = rest.rsplit(", ").next().unwrap().trim_end_matches(" new");
-    (id, size_of(size), size_of(new))
-}
-
 fn spawn(cmd: &mut Command) -> Child {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawning the agent")
 }
@@ -84,7 +61,7 @@ fn flipped_byte_in_a_pack_is_named_by_restore_and_verify() {
     let coord = Coordinator::start(e.dir.path(), &e.certs, GRANTS);
     let src = big_repo(&e.path("src"), 2, 300_000);
     let (snap, _, _) =
-        parse_backup(&kit::ok(e.agent(&coord, "git/a").args(["--repo", src.to_str().unwrap(), "backup"])));
+        kit::backup_line(&kit::ok(e.agent(&coord, "git/a").args(["--repo", src.to_str().unwrap(), "backup"])));
 
     let packs = coord.packs();
     assert!(!packs.is_empty());
@@ -131,7 +108,7 @@ fn coordinator_killed_mid_upload_loses_nothing_and_resumes() {
     assert_eq!(v.status.code(), Some(0), "nothing is corrupted: {}", kit::stdout(&v));
 
     let out = kit::ok(e.agent(&coord, "git/big").args(["--repo", &repo, "backup"]));
-    let (_, size, new) = parse_backup(&out);
+    let (_, size, new) = kit::backup_line(&out);
     assert!(new < size * 95 / 100, "the retry uploads only what is missing: {out}");
     let o = kit::ok(e.agent(&coord, "git/big").args(["restore", "--to", e.path("out").to_str().unwrap()]));
     assert!(o.contains("verified"));
@@ -155,7 +132,7 @@ fn agent_killed_mid_backup_loses_nothing_and_resumes() {
 
     assert!(e.list(&coord, "git/big").is_empty(), "no snapshot is visible");
     let out = kit::ok(e.agent(&coord, "git/big").args(["--repo", &repo, "backup"]));
-    let (_, size, new) = parse_backup(&out);
+    let (_, size, new) = kit::backup_line(&out);
     assert!(new < size * 95 / 100, "acknowledged chunks were kept; only the rest is uploaded: {out}");
     kit::ok(e.agent(&coord, "git/big").args(["restore", "--to", e.path("out").to_str().unwrap()]));
     assert_eq!(kit::refs(&e.path("out")), kit::refs(&src));
@@ -179,7 +156,7 @@ fn full_disk_fails_the_backup_cleanly_and_keeps_earlier_snapshots() {
 
     let src = big_repo(&e.path("src"), 2, 200_000);
     let repo = src.to_str().unwrap().to_string();
-    let (first, _, _) = parse_backup(&kit::ok(e.agent(&coord, "git/a").args(["--repo", &repo, "backup"])));
+    let (first, _, _) = kit::backup_line(&kit::ok(e.agent(&coord, "git/a").args(["--repo", &repo, "backup"])));
 
     let more: Vec<(String, Vec<u8>)> =
         (0..30).map(|i| (format!("more/{i}.bin"), kit::random_bytes(2 << 20, 900 + i))).collect();
@@ -227,7 +204,7 @@ fn grpcurl_lists_and_calls_the_admin_service() {
     let coord = Coordinator::start(e.dir.path(), &e.certs, GRANTS);
     let src = kit::git_repo(&e.path("src"), &[("a", b"a")]);
     let (snap, _, _) =
-        parse_backup(&kit::ok(e.agent(&coord, "git/ops-demo").args(["--repo", src.to_str().unwrap(), "backup"])));
+        kit::backup_line(&kit::ok(e.agent(&coord, "git/ops-demo").args(["--repo", src.to_str().unwrap(), "backup"])));
     let addr = coord.url.trim_start_matches("https://").to_string();
     let grpcurl = |who: &str, args: &[&str]| {
         let mut c = Command::new("grpcurl");

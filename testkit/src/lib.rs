@@ -315,3 +315,28 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// Parses an agent's backup line, `snapshot ID of ASSET: SIZE in N file(s), NEW new`, into
+/// (snapshot id, size in bytes, new bytes), the sizes as printed (`1.5 MiB`).
+pub fn backup_line(out: &str) -> (String, u64, u64) {
+    let size_of = |s: &str| {
+        let (n, unit) = s.trim().split_once(' ').unwrap_or_else(|| panic!("size {s:?}"));
+        let n: f64 = n.parse().unwrap_or_else(|_| panic!("size {s:?}"));
+        let m = match unit {
+            "B" => 1.0,
+            "KiB" => 1024.0,
+            "MiB" => 1048576.0,
+            "GiB" => 1073741824.0,
+            "TiB" => 1099511627776.0,
+            u => panic!("unit {u}"),
+        };
+        (n * m) as u64
+    };
+    let line =
+        out.lines().find(|l| l.starts_with("snapshot ")).unwrap_or_else(|| panic!("no snapshot line in {out:?}"));
+    let id = line.split_whitespace().nth(1).expect("snapshot id").to_string();
+    let after = line.split_once(": ").expect("': ' in the backup line").1;
+    let (size, rest) = after.split_once(" in ").expect("' in ' in the backup line");
+    let new = rest.rsplit(", ").next().expect("new bytes").trim_end_matches(" new");
+    (id, size_of(size), size_of(new))
+}

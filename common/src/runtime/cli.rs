@@ -118,6 +118,44 @@ impl AgentArgs {
     }
 }
 
+/// The whole `main` of an agent binary: parse flags, environment and config file (exit 2 on
+/// a config error), start the runtime and telemetry, run, and print any error (exit 1).
+pub fn agent_main<C, F, Fut>(service: &'static str, log_format: fn(&C) -> LogFormat, run: F) -> std::process::ExitCode
+where
+    C: clap::Parser,
+    F: FnOnce(C) -> Fut,
+    Fut: std::future::Future<Output = Result<(), CliError>>,
+{
+    use std::process::ExitCode;
+    let cli: C = match crate::layered::parse() {
+        Ok(c) => c,
+        Err(crate::layered::ConfigError::Cli(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    limit_malloc_arenas();
+    let rt = match tokio_runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let format = log_format(&cli);
+    rt.block_on(async move {
+        let _telemetry = crate::telemetry::init(service, format);
+        match run(cli).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 /// Caps glibc's malloc arenas at two. The pipeline allocates chunk buffers on one thread
 /// and frees them on another; with glibc's default of up to 8 arenas per core that
 /// fragments into a peak RSS far above the memory budget (measured: 146-172 MiB with a

@@ -29,6 +29,10 @@ pub fn output(cmd: &mut Command) -> Result<Vec<u8>, CommandError> {
         .stdin(Stdio::null())
         .output()
         .map_err(|source| CommandError::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), source })?;
+    checked(cmd, out)
+}
+
+fn checked(cmd: &Command, out: std::process::Output) -> Result<Vec<u8>, CommandError> {
     if !out.status.success() {
         return Err(CommandError::Failed {
             cmdline: cmdline(cmd),
@@ -49,14 +53,7 @@ pub fn output_with_input(cmd: &mut Command, input: &[u8]) -> Result<Vec<u8>, Com
     let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
     let out = child.wait_with_output().map_err(spawn)?;
     let _ = writer.join();
-    if !out.status.success() {
-        return Err(CommandError::Failed {
-            cmdline: cmdline(cmd),
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().chars().take(4000).collect(),
-        });
-    }
-    Ok(out.stdout)
+    checked(cmd, out)
 }
 
 /// Streams a child's stdout; EOF is returned only once the child has exited with status 0,
