@@ -7,7 +7,7 @@ use coffer_common::crypto::{ChunkId, MAX_STORED_CHUNK};
 use coffer_common::keyring::MAX_ENVELOPE_SIZE;
 use coffer_common::manifest::Manifest;
 use coffer_common::signing;
-use coffer_common::tls::Role;
+use coffer_common::tls::{PeerIdentity, Role};
 use coffer_proto::v1 as pb;
 use pb::agent_service_server::AgentService;
 use tokio::sync::mpsc;
@@ -47,9 +47,8 @@ fn kind_of(asset: &str) -> &str {
 }
 
 impl AgentApi {
-    /// The open backup `snapshot` must belong to the calling agent.
-    async fn own_backup<T>(&self, req: &Request<T>, snapshot: &str) -> Result<BackupRow> {
-        let who = peer(req)?;
+    /// The backup `snapshot` must belong to the calling agent, still granted its asset.
+    async fn own_backup(&self, who: &PeerIdentity, snapshot: &str) -> Result<BackupRow> {
         let b = self
             .state
             .catalog
@@ -159,7 +158,7 @@ impl AgentApi {
 
     async fn commit_inner(&self, req: Request<pb::CommitBackupRequest>) -> Result<pb::CommitBackupResponse> {
         let snapshot = req.get_ref().snapshot_id.clone();
-        let b = self.own_backup(&req, &snapshot).await?;
+        let b = self.own_backup(&peer(&req)?, &snapshot).await?;
         let st = &self.state;
         match b.state.as_str() {
             "open" => {}
@@ -225,7 +224,7 @@ impl AgentApi {
 
     async fn abort_inner(&self, req: Request<pb::AbortBackupRequest>) -> Result<pb::AbortBackupResponse> {
         let snapshot = req.get_ref().snapshot_id.clone();
-        self.own_backup(&req, &snapshot).await?;
+        self.own_backup(&peer(&req)?, &snapshot).await?;
         let reason = req.get_ref().reason.chars().take(1000).collect::<String>();
         self.state.catalog.end_backup(&snapshot, "aborted", Some(&reason)).await?;
         tracing::warn!(%snapshot, %reason, "backup aborted by the agent");
@@ -323,23 +322,12 @@ impl AgentService for AgentApi {
         let who = peer(&req)?;
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty upload stream"))?;
-        let backup = {
-            let snapshot = first.snapshot_id.clone();
-            let b = self
-                .state
-                .catalog
-                .backup(&snapshot)
-                .await
-                .map_err(ServiceError::from)?
-                .ok_or_else(|| Status::not_found(format!("no backup {snapshot:?} was begun")))?;
-            if b.agent != who.name || who.role != Role::Agent || !self.state.config.agent_may(&who.name, &b.asset) {
-                return Err(ServiceError::PermissionDenied(format!("{who} does not own backup {snapshot}")).into());
-            }
-            if b.state != "open" {
-                return Err(ServiceError::FailedPrecondition(format!("backup {snapshot} is {}", b.state)).into());
-            }
-            b
-        };
+        let backup = self.own_backup(&who, &first.snapshot_id).await?;
+        if backup.state != "open" {
+            return Err(
+                ServiceError::FailedPrecondition(format!("backup {} is {}", backup.snapshot_id, backup.state)).into()
+            );
+        }
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
         tokio::spawn(
