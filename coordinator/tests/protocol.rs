@@ -122,14 +122,24 @@ async fn commit_requires_a_valid_signature_and_durable_chunks() {
             .await
             .unwrap();
     sink.add_bytes("f", b"hello world".repeat(1000)).await.unwrap();
+    let refused_snapshot = sink.snapshot_id().to_string();
     let impostor = AgentIdentity::generate("impostor");
     let err = sink.commit(&impostor, Default::default()).await.unwrap_err();
     let SourceError::Client(e) = &err else { panic!("{err}") };
     assert!(e.to_string().contains("signature rejected"), "{e}");
     assert!(coord.list_snapshots("git/a", 0).await.unwrap().is_empty());
 
-    // A manifest naming a chunk the coordinator does not hold.
+    // The refused backup was aborted: it cannot be committed later either.
     let mut raw = raw_agent(&s, "agent-git-1");
+    let (manifest, signature) = signed_manifest(&me, &refused_snapshot, vec![]);
+    let st = raw
+        .commit_backup(pb::CommitBackupRequest { snapshot_id: refused_snapshot, manifest, signature })
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("aborted"), "{}", st.message());
+
+    // A manifest naming a chunk the coordinator does not hold.
     let snap = begin(&mut raw).await;
     let (manifest, signature) = signed_manifest(&me, &snap, vec![ChunkRef(ChunkId([9; 32]), 10)]);
     let st = raw

@@ -268,8 +268,23 @@ impl BackupSink {
 
     /// Drains the pipeline, signs the manifest and commits it. The snapshot is visible once
     /// this returns.
+    /// On failure the backup is aborted on the coordinator, so it does not stay open.
     pub async fn commit(
         mut self,
+        identity: &AgentIdentity,
+        source: BTreeMap<String, serde_json::Value>,
+    ) -> Result<pb::SnapshotInfo, SourceError> {
+        match self.commit_inner(identity, source).await {
+            Ok(info) => Ok(info),
+            Err(e) => {
+                self.abort_inner(&e.to_string()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn commit_inner(
+        &mut self,
         identity: &AgentIdentity,
         source: BTreeMap<String, serde_json::Value>,
     ) -> Result<pb::SnapshotInfo, SourceError> {
@@ -326,6 +341,10 @@ impl BackupSink {
 
     /// Abandons the backup: nothing becomes visible; stored chunks remain for the next try.
     pub async fn abort(mut self, reason: &str) {
+        self.abort_inner(reason).await;
+    }
+
+    async fn abort_inner(&mut self, reason: &str) {
         self.id_tx = None;
         for stage in std::mem::take(&mut self.stages) {
             stage.abort();
