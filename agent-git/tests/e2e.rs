@@ -112,6 +112,7 @@ fn backs_up_over_git_daemon() {
             .args(["daemon", "--reuseaddr", "--export-all", "--listen=127.0.0.1", &format!("--port={port}")])
             .arg(format!("--base-path={}", base.display()))
             .arg(&base)
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("git daemon (part of Debian's git package)"),
