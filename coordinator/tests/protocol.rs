@@ -201,6 +201,25 @@ async fn many_files_restore_in_order_across_batches() {
     for (p, d) in &files {
         assert_eq!(&std::fs::read(out.path().join(p)).unwrap(), d, "{p}");
     }
+    // A signed manifest whose file hash does not match the chunks: restore refuses it.
+    let good = coord.manifest("git/a", "latest").await.unwrap().unwrap();
+    let mut raw = raw_agent(&s, "agent-git-1");
+    let mut bad = good.manifest.clone();
+    bad.snapshot = begin(&mut raw).await;
+    bad.files[1].sha256 = "00".repeat(32);
+    let bytes = bad.encode();
+    let signature = me.signer().sign(coffer_common::signing::MANIFEST_NAMESPACE, &bytes);
+    raw.commit_backup(pb::CommitBackupRequest { snapshot_id: bad.snapshot.clone(), manifest: bytes, signature })
+        .await
+        .unwrap();
+    let opts = coffer_common::runtime::restore::RestoreOptions { parallel: 2, batch_bytes: 200_000, quiet: true };
+    let lying =
+        coffer_common::runtime::SnapshotReader::open(&coord, &keyring, "git/a", &bad.snapshot, opts).await.unwrap();
+    let out2 = tempfile::tempdir().unwrap();
+    let targets: Vec<(String, PathBuf)> = files.iter().map(|(p, _)| (p.clone(), out2.path().join(p))).collect();
+    let err = lying.restore_files(&targets).await.unwrap_err().to_string();
+    assert!(err.contains(&bad.snapshot) && err.contains("\"big\"") && err.contains("SHA-256"), "{err}");
+
     let one = reader.restore_file("big", Vec::new()).await.unwrap();
     assert_eq!(one, files[1].1);
     assert!(reader.restore_file("nope", Vec::new()).await.is_err());

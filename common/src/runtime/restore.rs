@@ -152,14 +152,13 @@ impl SnapshotReader {
         let snapshot = self.signed.info.id.clone();
         let expected: Vec<(String, u64, String)> =
             entries.iter().map(|e| (e.path.clone(), e.size, e.sha256.clone())).collect();
-        let writer_task = tokio::task::spawn_blocking(move || {
-            let mut current: Option<(usize, W, FileHasher, u64)> = None;
-            let mut next = 0usize;
-            let mut close = |cur: (usize, W, FileHasher, u64)| -> Result<(), ClientError> {
-                let (i, mut w, hasher, size) = cur;
-                w.flush()
-                    .map_err(|source| ClientError::Io { context: format!("writing {}", expected[i].0), source })?;
-                let sha = hex::encode(hasher.finish());
+        // Two threads consume the ordered batches: the writer, then (handed each batch after
+        // writing it) the hasher, which checks every file's size and SHA-256.
+        let total = expected.len();
+        let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<Vec<u8>>)>(2);
+        let hasher = std::thread::spawn(move || -> Result<(), ClientError> {
+            let mut check = |i: usize, (h, size): (FileHasher, u64)| -> Result<(), ClientError> {
+                let sha = hex::encode(h.finish());
                 let (path, want_size, want_sha) = &expected[i];
                 if size != *want_size || &sha != want_sha {
                     return Err(ClientError::Corrupt {
@@ -169,42 +168,38 @@ impl SnapshotReader {
                         ),
                     });
                 }
-                finish(i, w)
+                Ok(())
             };
-            let mut advance_to =
-                |target: usize, current: &mut Option<(usize, W, FileHasher, u64)>| -> Result<(), ClientError> {
-                    while current.as_ref().is_none_or(|c| c.0 < target) {
-                        if let Some(c) = current.take() {
-                            close(c)?;
-                        }
-                        if next > target {
-                            break;
-                        }
-                        *current = Some((next, open(next)?, FileHasher::default(), 0));
-                        next += 1;
-                    }
-                    Ok(())
-                };
-            while let Some((i, batch)) = rx.blocking_recv() {
-                advance_to(i, &mut current)?;
-                let (idx, w, hasher, size) = current.as_mut().expect("advanced to a file");
-                for chunk in batch {
-                    hasher.update(&chunk);
-                    w.write_all(&chunk)
-                        .map_err(|source| ClientError::Io { context: format!("writing file #{idx}"), source })?;
+            let mut fresh = |_| Ok((FileHasher::default(), 0u64));
+            let mut walk = Walk::default();
+            for (i, batch) in hash_rx {
+                let (h, size) = walk.at(i, &mut fresh, &mut check)?;
+                for chunk in &batch {
+                    h.update(chunk);
                     *size += chunk.len() as u64;
                     progress.add(chunk.len() as u64);
                 }
             }
-            // Files after the last batch (or empty files) still have to exist.
-            let total = expected.len();
-            if total > 0 {
-                advance_to(total - 1, &mut current)?;
+            walk.end(total, &mut fresh, &mut check)
+        });
+        let writer_task = tokio::task::spawn_blocking(move || {
+            let mut close = |i: usize, mut w: W| -> Result<(), ClientError> {
+                w.flush().map_err(|source| ClientError::Io { context: format!("writing file #{i}"), source })?;
+                finish(i, w)
+            };
+            let mut walk = Walk::default();
+            while let Some((i, batch)) = rx.blocking_recv() {
+                let w = walk.at(i, &mut open, &mut close)?;
+                for chunk in &batch {
+                    w.write_all(chunk)
+                        .map_err(|source| ClientError::Io { context: format!("writing file #{i}"), source })?;
+                }
+                if hash_tx.send((i, batch)).is_err() {
+                    return Ok(()); // the hasher stopped; its error is reported
+                }
             }
-            if let Some(c) = current.take() {
-                close(c)?;
-            }
-            Ok::<_, ClientError>(())
+            // Files after the last batch (and empty files) still have to exist.
+            walk.end(total, &mut open, &mut close)
         });
 
         let jobs: Vec<(usize, Vec<ChunkRef>)> = entries
@@ -235,10 +230,11 @@ impl SnapshotReader {
         drop(fetched);
         drop(tx);
         let written = writer_task.await.map_err(|e| ClientError::Protocol(format!("writer thread: {e}")))?;
+        let hashed = hasher.join().map_err(|_| ClientError::Protocol("hash thread panicked".into()))?;
         if let Some(e) = failure {
             return Err(e);
         }
-        written
+        written.and(hashed)
     }
 
     async fn fetch_batch(&self, entry: &FileEntry, refs: Vec<ChunkRef>) -> Result<Vec<Vec<u8>>, ClientError> {
@@ -301,6 +297,47 @@ impl SnapshotReader {
 
     pub fn finish(&self) {
         self.progress.finish();
+    }
+}
+
+/// Walks files `0..total` in order as batches for them arrive: each file is opened once and
+/// closed when a later file (or the end) is reached, including files that get no batch.
+struct Walk<T> {
+    current: Option<(usize, T)>,
+    next: usize,
+}
+
+impl<T> Default for Walk<T> {
+    fn default() -> Self {
+        Walk { current: None, next: 0 }
+    }
+}
+
+type Open<'a, T> = dyn FnMut(usize) -> Result<T, ClientError> + 'a;
+type Close<'a, T> = dyn FnMut(usize, T) -> Result<(), ClientError> + 'a;
+
+impl<T> Walk<T> {
+    /// The open state of file `target` (targets never decrease).
+    fn at(&mut self, target: usize, open: &mut Open<'_, T>, close: &mut Close<'_, T>) -> Result<&mut T, ClientError> {
+        while self.current.as_ref().is_none_or(|(i, _)| *i < target) {
+            if let Some((i, t)) = self.current.take() {
+                close(i, t)?;
+            }
+            let i = self.next;
+            self.next += 1;
+            self.current = Some((i, open(i)?));
+        }
+        Ok(&mut self.current.as_mut().expect("walked to a file").1)
+    }
+
+    fn end(mut self, total: usize, open: &mut Open<'_, T>, close: &mut Close<'_, T>) -> Result<(), ClientError> {
+        if total > 0 {
+            self.at(total - 1, open, close)?;
+        }
+        match self.current.take() {
+            Some((i, t)) => close(i, t),
+            None => Ok(()),
+        }
     }
 }
 
