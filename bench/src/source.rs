@@ -76,11 +76,20 @@ impl Source for DirSource {
         let files = tokio::task::spawn_blocking(move || walk(&root))
             .await
             .map_err(|e| SourceError::Failed(format!("walk thread: {e}")))??;
-        let mut bytes = 0u64;
-        for f in &files {
-            let file = std::fs::File::open(&f.abs).map_err(SourceError::io(format!("opening {}", f.abs.display())))?;
-            bytes += sink.add_file(&f.rel, file).await?.size;
+        // Files go to the sink in groups, which streams two at a time; a group's files are
+        // open only while it is being streamed.
+        for group in files.chunks(32) {
+            let opened = group
+                .iter()
+                .map(|f| {
+                    let file =
+                        std::fs::File::open(&f.abs).map_err(SourceError::io(format!("opening {}", f.abs.display())))?;
+                    Ok((f.rel.clone(), file))
+                })
+                .collect::<Result<Vec<_>, SourceError>>()?;
+            sink.add_files(opened).await?;
         }
+        let bytes: u64 = sink.files().iter().map(|f| f.size).sum();
         let mut meta = BTreeMap::new();
         meta.insert("root".into(), json!(dir.display().to_string()));
         meta.insert("files".into(), json!(files.len()));

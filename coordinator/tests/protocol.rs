@@ -187,9 +187,14 @@ async fn many_files_restore_in_order_across_batches() {
         ("dir/also-empty".into(), vec![]),
         ("last".into(), (0..700_000u32).map(|i| (i % 13) as u8).collect()),
     ];
-    for (p, d) in &files {
-        sink.add_bytes(p, d.clone()).await.unwrap();
-    }
+    // Streamed two at a time; the manifest keeps the given order.
+    sink.add_files(files.iter().map(|(p, d)| (p.clone(), std::io::Cursor::new(d.clone()))).collect()).await.unwrap();
+    let order: Vec<&str> = sink.files().iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(order, files.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>());
+    assert!(
+        sink.add_files(vec![("big".to_string(), std::io::Cursor::new(vec![1u8]))]).await.is_err(),
+        "duplicate path"
+    );
     sink.commit(&me, Default::default()).await.unwrap();
 
     // Small batches force many batches per file and files sharing the download window.

@@ -42,6 +42,8 @@ const CHUNK_CHANNEL: usize = 8;
 const ID_CHANNEL: usize = 64;
 const SEAL_CHANNEL: usize = 16;
 const UPLOAD_CHANNEL: usize = 16;
+/// Files read at once by `add_files`.
+const FILES_IN_FLIGHT: usize = 2;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PipelineOptions {
@@ -190,51 +192,53 @@ impl BackupSink {
         &self.files
     }
 
-    /// Streams one file through the pipeline (reads happen on a blocking thread).
+    /// Streams one file through the pipeline (reads happen on blocking threads).
     pub async fn add_file<R: Read + Send + 'static>(
         &mut self,
         path: &str,
         reader: R,
     ) -> Result<&FileEntry, SourceError> {
-        if !crate::manifest::is_safe_relative_path(path) || self.files.iter().any(|f| f.path == path) {
-            return Err(SourceError::Failed(format!("invalid or duplicate file path {path:?} in snapshot")));
-        }
-        let id_tx = self.id_tx.clone().ok_or_else(|| SourceError::Failed("backup already finished".into()))?;
-        let (chunk_tx, chunk_rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(CHUNK_CHANNEL);
-        let (params, seed, budget, progress) = (self.params, self.seed, self.budget.clone(), self.progress.clone());
-        let stats = self.stats.clone();
-        let handle = tokio::runtime::Handle::current();
-        let reader_path = path.to_string();
-        let reader_task = tokio::task::spawn_blocking(move || {
-            read_and_chunk(reader, params, seed, &budget, &chunk_tx, &handle, &progress, &stats)
-                .map_err(SourceError::io(format!("reading {reader_path}")))
-        });
+        self.add_files(vec![(path.to_string(), reader)]).await?;
+        Ok(self.files.last().expect("just added"))
+    }
 
-        let cipher = self.cipher.clone();
-        let mut ids = ReceiverStream::new(chunk_rx)
-            .map(|(chunk, permit)| {
-                let cipher = cipher.clone();
-                tokio::task::spawn_blocking(move || (cipher.chunk_id(&chunk), chunk, permit))
-            })
-            .buffered(self.opts.workers);
-        let mut chunks = Vec::new();
-        let mut stopped = false;
-        while let Some(r) = ids.next().await {
-            let (id, chunk, permit) = r.map_err(|e| SourceError::Failed(format!("chunk id worker: {e}")))?;
-            chunks.push(ChunkRef(id, chunk.len() as u32));
-            if id_tx.send(Pending { id, chunk, permit }).await.is_err() {
-                stopped = true;
-                break;
+    /// Streams several files, two at a time so one file's reads and setup overlap with the
+    /// other's hashing; the manifest lists them in the given order.
+    pub async fn add_files<R: Read + Send + 'static>(&mut self, files: Vec<(String, R)>) -> Result<(), SourceError> {
+        let mut seen: std::collections::HashSet<&str> = self.files.iter().map(|f| f.path.as_str()).collect();
+        for (path, _) in &files {
+            if !crate::manifest::is_safe_relative_path(path) || !seen.insert(path.as_str()) {
+                return Err(SourceError::Failed(format!("invalid or duplicate file path {path:?} in snapshot")));
             }
         }
-        drop(ids);
-        if stopped {
-            return Err(self.stage_failure().await);
+        let id_tx = self.id_tx.clone().ok_or_else(|| SourceError::Failed("backup already finished".into()))?;
+        let ctx = FileContext {
+            id_tx,
+            params: self.params,
+            seed: self.seed,
+            budget: self.budget.clone(),
+            progress: self.progress.clone(),
+            stats: self.stats.clone(),
+            cipher: self.cipher.clone(),
+            workers: self.opts.workers,
+        };
+        let mut streamed = futures::stream::iter(files)
+            .map(|(path, reader)| stream_file(ctx.clone(), path, reader))
+            .buffered(FILES_IN_FLIGHT);
+        while let Some(r) = streamed.next().await {
+            match r {
+                Ok(entry) => {
+                    self.stats.chunks.fetch_add(entry.chunks.len() as u64, Ordering::Relaxed);
+                    self.files.push(entry);
+                }
+                Err(FileError::Stopped) => {
+                    drop(streamed);
+                    return Err(self.stage_failure().await);
+                }
+                Err(FileError::Source(e)) => return Err(e),
+            }
         }
-        let (size, sha) = reader_task.await.map_err(|e| SourceError::Failed(format!("reader thread: {e}")))??;
-        self.stats.chunks.fetch_add(chunks.len() as u64, Ordering::Relaxed);
-        self.files.push(FileEntry { path: path.to_string(), size, sha256: hex::encode(sha), chunks });
-        Ok(self.files.last().expect("just pushed"))
+        Ok(())
     }
 
     /// Streams an in-memory file.
@@ -356,6 +360,65 @@ impl BackupSink {
             tracing::warn!(snapshot = %self.snapshot, "could not abort the backup on the coordinator: {}", e.message());
         }
     }
+}
+
+/// What streaming one file needs from its sink.
+#[derive(Clone)]
+struct FileContext {
+    id_tx: mpsc::Sender<Pending>,
+    params: ChunkerParams,
+    seed: u64,
+    budget: Arc<Semaphore>,
+    progress: Progress,
+    stats: Arc<BackupStats>,
+    cipher: Arc<ChunkCipher>,
+    workers: usize,
+}
+
+enum FileError {
+    /// A later stage stopped; the sink reports why.
+    Stopped,
+    Source(SourceError),
+}
+
+/// Reads and chunks one file, computes its chunk ids (in order) and hands the chunks to the
+/// dedup stage; returns the file's manifest entry.
+async fn stream_file<R: Read + Send + 'static>(
+    ctx: FileContext,
+    path: String,
+    reader: R,
+) -> Result<FileEntry, FileError> {
+    let (chunk_tx, chunk_rx) = mpsc::channel::<(Bytes, OwnedSemaphorePermit)>(CHUNK_CHANNEL);
+    let handle = tokio::runtime::Handle::current();
+    let reader_path = path.clone();
+    let (params, seed, budget, progress, stats) =
+        (ctx.params, ctx.seed, ctx.budget.clone(), ctx.progress.clone(), ctx.stats.clone());
+    let reader_task = tokio::task::spawn_blocking(move || {
+        read_and_chunk(reader, params, seed, &budget, &chunk_tx, &handle, &progress, &stats)
+            .map_err(SourceError::io(format!("reading {reader_path}")))
+    });
+    let cipher = ctx.cipher.clone();
+    let mut ids = ReceiverStream::new(chunk_rx)
+        .map(|(chunk, permit)| {
+            let cipher = cipher.clone();
+            tokio::task::spawn_blocking(move || (cipher.chunk_id(&chunk), chunk, permit))
+        })
+        .buffered(ctx.workers);
+    let mut chunks = Vec::new();
+    while let Some(r) = ids.next().await {
+        let (id, chunk, permit) =
+            r.map_err(|e| FileError::Source(SourceError::Failed(format!("chunk id worker: {e}"))))?;
+        chunks.push(ChunkRef(id, chunk.len() as u32));
+        if ctx.id_tx.send(Pending { id, chunk, permit }).await.is_err() {
+            return Err(FileError::Stopped);
+        }
+    }
+    drop(ids);
+    let (size, sha) = reader_task
+        .await
+        .map_err(|e| FileError::Source(SourceError::Failed(format!("reader thread: {e}"))))?
+        .map_err(FileError::Source)?;
+    Ok(FileEntry { path, size, sha256: hex::encode(sha), chunks })
 }
 
 /// Reads, hashes and chunks one file on three threads joined by bounded channels: a reader
