@@ -7,7 +7,7 @@ mod source;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use coffer_common::runtime::cli::{self, AgentArgs};
 
 /// Coffer agent for git repositories.
@@ -26,30 +26,13 @@ struct Cli {
     #[arg(long, global = true, env = "COFFER_FULL_EVERY", default_value_t = 24)]
     full_every: u32,
     #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Take one snapshot now.
-    Backup,
-    /// Restore a snapshot into a new bare repository and verify it (git fsck, exact refs).
-    Restore {
-        /// Snapshot id, or `latest`.
-        #[arg(long, env = "COFFER_SNAPSHOT", default_value = "latest")]
-        snapshot: String,
-        /// Directory for the restored bare repository (must not exist or be empty).
-        #[arg(long, env = "COFFER_TO")]
-        to: PathBuf,
-    },
-    /// List the asset's snapshots.
-    List,
+    cmd: cli::Command,
 }
 
 async fn run(cli: Cli) -> Result<(), cli::CliError> {
     let ctx = cli.agent.connect("git").await?;
     match cli.cmd {
-        Cmd::Backup => {
+        cli::Command::Backup => {
             let repo = cli.repo.ok_or_else(|| {
                 cli::CliError::Source(coffer_common::runtime::SourceError::Failed(
                     "--repo is required for backup".into(),
@@ -67,12 +50,12 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
             );
             Ok(())
         }
-        Cmd::Restore { snapshot, to } => {
+        cli::Command::Restore { snapshot, to } => {
             let source =
                 source::GitSource { repo: cli.repo.unwrap_or_default(), work_dir: cli.work_dir, full_every: 1 };
             cli::restore(&ctx, &source, &snapshot, &to).await
         }
-        Cmd::List => cli::list(&ctx).await,
+        cli::Command::List => cli::list(&ctx).await,
     }
 }
 

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use coffer_common::runtime::cli::{self, AgentArgs};
 use coffer_common::runtime::{Source, SourceError};
 
@@ -26,24 +26,7 @@ struct Cli {
     #[arg(long, global = true, env = "COFFER_DIR")]
     dir: Option<PathBuf>,
     #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand, Debug)]
-enum Cmd {
-    /// Take one snapshot of `--dir` now.
-    Backup,
-    /// Restore a snapshot into a new directory and verify it.
-    Restore {
-        /// Snapshot id, or `latest`.
-        #[arg(long, env = "COFFER_SNAPSHOT", default_value = "latest")]
-        snapshot: String,
-        /// Directory to restore into (must not exist or be empty).
-        #[arg(long, env = "COFFER_TO")]
-        to: PathBuf,
-    },
-    /// List the asset's snapshots.
-    List,
+    cmd: cli::Command,
 }
 
 async fn run(cli: Cli) -> Result<(), cli::CliError> {
@@ -51,7 +34,7 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
     let source = DirSource { dir: cli.dir };
     let ctx = cli.agent.connect(source.kind()).await?;
     match cli.cmd {
-        Cmd::Backup => {
+        cli::Command::Backup => {
             let info = cli::backup(&ctx, &source).await?;
             println!(
                 "BENCH backup seconds={:.3} bytes={} new_bytes={} files={} snapshot={}",
@@ -62,7 +45,7 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
                 info.id
             );
         }
-        Cmd::Restore { snapshot, to } => {
+        cli::Command::Restore { snapshot, to } => {
             cli::restore(&ctx, &source, &snapshot, &to).await?;
             let files = source::walk(&to)?;
             let mut bytes = 0;
@@ -75,7 +58,7 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
                 files.len()
             );
         }
-        Cmd::List => cli::list(&ctx).await?,
+        cli::Command::List => cli::list(&ctx).await?,
     }
     Ok(())
 }

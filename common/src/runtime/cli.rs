@@ -57,6 +57,24 @@ pub struct AgentArgs {
     pub quiet: bool,
 }
 
+/// The commands every agent has (agents with more add their own around these).
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Take one snapshot now.
+    Backup,
+    /// Restore a snapshot into a new target and verify it.
+    Restore {
+        /// Snapshot id, or `latest`.
+        #[arg(long, env = "COFFER_SNAPSHOT", default_value = "latest")]
+        snapshot: String,
+        /// Where to restore (must not exist, or be empty).
+        #[arg(long, env = "COFFER_TO")]
+        to: PathBuf,
+    },
+    /// List the asset's snapshots.
+    List,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CliError {
