@@ -70,7 +70,6 @@ pub struct BackupStats {
     pub chunks: AtomicU64,
     pub new_chunks: AtomicU64,
     pub new_plain_bytes: AtomicU64,
-    pub uploaded_bytes: AtomicU64,
 }
 
 struct Pending {
@@ -146,9 +145,7 @@ impl BackupSink {
                 dedup_stage(coord.clone(), asset.to_string(), id_rx, seal_tx, stats.clone()).in_current_span(),
             ),
             tokio::spawn(seal_stage(cipher.clone(), seal_rx, up_tx, opts.workers).in_current_span()),
-            tokio::spawn(
-                upload_stage(coord.clone(), begun.snapshot_id.clone(), up_rx, stats.clone()).in_current_span(),
-            ),
+            tokio::spawn(upload_stage(coord.clone(), begun.snapshot_id.clone(), up_rx).in_current_span()),
         ];
         tracing::info!(asset, snapshot = %begun.snapshot_id, incremental_from = previous.as_ref().map(|p| p.info.id.as_str()), "backup started");
         Ok(BackupSink {
@@ -175,17 +172,9 @@ impl BackupSink {
         &self.snapshot
     }
 
-    pub fn asset(&self) -> &str {
-        &self.asset
-    }
-
     /// The asset's newest snapshot before this one, for incremental sources.
     pub fn previous(&self) -> Option<&SignedManifest> {
         self.previous.as_ref()
-    }
-
-    pub fn stats(&self) -> &BackupStats {
-        &self.stats
     }
 
     pub fn files(&self) -> &[FileEntry] {
@@ -336,6 +325,10 @@ impl BackupSink {
             snapshot = %info.id,
             size = info.size,
             new_bytes = info.new_bytes,
+            bytes_read = self.stats.bytes_read.load(Ordering::Relaxed),
+            chunks = self.stats.chunks.load(Ordering::Relaxed),
+            new_chunks = self.stats.new_chunks.load(Ordering::Relaxed),
+            new_plain_bytes = self.stats.new_plain_bytes.load(Ordering::Relaxed),
             seconds = format!("{elapsed:.2}"),
             mb_per_s = format!("{:.1}", info.size as f64 / elapsed.max(1e-6) / 1e6),
             "backup committed"
@@ -579,12 +572,7 @@ async fn seal_stage(
 }
 
 /// Holds the upload stream; releases each chunk's permit when its acknowledgement arrives.
-async fn upload_stage(
-    coord: Coordinator,
-    snapshot: String,
-    mut rx: mpsc::Receiver<Sealed>,
-    stats: Arc<BackupStats>,
-) -> Result<(), ClientError> {
+async fn upload_stage(coord: Coordinator, snapshot: String, mut rx: mpsc::Receiver<Sealed>) -> Result<(), ClientError> {
     let (frame_tx, frame_rx) = mpsc::channel::<pb::UploadChunksRequest>(4);
     frame_tx
         .send(pb::UploadChunksRequest { snapshot_id: snapshot.clone(), id: Vec::new(), data: Vec::new() })
@@ -605,7 +593,7 @@ async fn upload_stage(
         let _cancel_on_exit = ack_failed.drop_guard();
         loop {
             match acks.message().await {
-                Ok(Some(ack)) if ack.sealed => return Ok(ack.bytes_stored),
+                Ok(Some(ack)) if ack.sealed => return Ok(()),
                 Ok(Some(ack)) => {
                     let id = ChunkId::from_slice(&ack.id)
                         .ok_or_else(|| ClientError::Protocol("acknowledgement with a malformed id".into()))?;
@@ -628,7 +616,6 @@ async fn upload_stage(
     }
     drop(frame_tx);
     drop(rx);
-    let stored = ack_task.await.map_err(|e| ClientError::Protocol(format!("ack task: {e}")))??;
-    stats.uploaded_bytes.store(stored, Ordering::Relaxed);
+    ack_task.await.map_err(|e| ClientError::Protocol(format!("ack task: {e}")))??;
     Ok(())
 }

@@ -27,10 +27,6 @@ pub fn is_retryable(status: &tonic::Status) -> bool {
 }
 
 impl RetryPolicy {
-    pub fn none() -> Self {
-        RetryPolicy { attempts: 1, ..Default::default() }
-    }
-
     /// Delay before retry number `n` (1-based), with up to 50% jitter.
     pub fn delay(&self, n: u32) -> Duration {
         let base = self.initial.saturating_mul(1 << n.saturating_sub(1).min(16)).min(self.max);
