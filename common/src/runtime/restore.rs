@@ -3,7 +3,7 @@
 //! signed manifest before the restore is reported good.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{IoSlice, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -100,22 +100,16 @@ impl SnapshotReader {
         let io = |context: String| move |source| ClientError::Io { context, source };
         let open = {
             let dests = dests.clone();
-            move |i: usize| -> Result<BufWriter<File>, ClientError> {
+            move |i: usize| -> Result<File, ClientError> {
                 let dest = &dests[i];
                 if let Some(dir) = dest.parent() {
                     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
                 }
-                let f = File::create(dest).map_err(io(format!("creating {}", dest.display())))?;
-                Ok(BufWriter::with_capacity(1 << 20, f))
+                File::create(dest).map_err(io(format!("creating {}", dest.display())))
             }
         };
-        let finish = move |i: usize, w: BufWriter<File>| -> Result<(), ClientError> {
-            let dest = &dests[i];
-            let f = w.into_inner().map_err(|e| ClientError::Io {
-                context: format!("writing {}", dest.display()),
-                source: e.into_error(),
-            })?;
-            sync_tx.send((dest.clone(), f)).map_err(|_| ClientError::Protocol("sync thread stopped".into()))
+        let finish = move |i: usize, f: File| -> Result<(), ClientError> {
+            sync_tx.send((dests[i].clone(), f)).map_err(|_| ClientError::Protocol("sync thread stopped".into()))
         };
         let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
         let written = self.restore_into(&paths, open, finish).await;
@@ -190,10 +184,8 @@ impl SnapshotReader {
             let mut walk = Walk::default();
             while let Some((i, batch)) = rx.blocking_recv() {
                 let w = walk.at(i, &mut open, &mut close)?;
-                for chunk in &batch {
-                    w.write_all(chunk)
-                        .map_err(|source| ClientError::Io { context: format!("writing file #{i}"), source })?;
-                }
+                write_batch(w, &batch)
+                    .map_err(|source| ClientError::Io { context: format!("writing file #{i}"), source })?;
                 if hash_tx.send((i, batch)).is_err() {
                     return Ok(()); // the hasher stopped; its error is reported
                 }
@@ -298,6 +290,22 @@ impl SnapshotReader {
     pub fn finish(&self) {
         self.progress.finish();
     }
+}
+
+/// Writes a batch of chunks with as few system calls as possible (one `writev` per batch
+/// when the writer is a file).
+fn write_batch<W: Write>(w: &mut W, batch: &[Vec<u8>]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|c| IoSlice::new(c)).collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        match w.write_vectored(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut rest, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Walks files `0..total` in order as batches for them arrive: each file is opened once and
