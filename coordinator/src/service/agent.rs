@@ -537,6 +537,10 @@ async fn upload(
         let stored = state.catalog.backup(&backup.snapshot_id).await?.map(|b| b.bytes_stored).unwrap_or(0);
         let _ =
             tx.send(Ok(pb::UploadChunksResponse { id: Vec::new(), sealed: true, bytes_stored: stored as u64 })).await;
+    } else {
+        // The agent is gone (or sent what could not be decoded): this backup cannot be
+        // committed any more; its sealed chunks stay for the next one.
+        state.catalog.end_backup(&backup.snapshot_id, "aborted", Some("upload stream broke")).await?;
     }
     Ok(())
 }
