@@ -131,9 +131,11 @@ fn agent_killed_mid_backup_loses_nothing_and_resumes() {
     });
 
     assert!(e.list(&coord, "git/big").is_empty(), "no snapshot is visible");
-    let aborted =
-        kit::ok(Command::new("sqlite3").arg(coord.data_dir.join("catalog.db")).arg("SELECT state FROM backups"));
-    assert_eq!(aborted.trim(), "aborted", "the dead agent's backup is closed");
+    kit::wait_for("the dead agent's backup to be closed", Duration::from_secs(30), || {
+        let state =
+            kit::ok(Command::new("sqlite3").arg(coord.data_dir.join("catalog.db")).arg("SELECT state FROM backups"));
+        (state.trim() == "aborted").then_some(())
+    });
     let out = kit::ok(e.agent(&coord, "git/big").args(["--repo", &repo, "backup"]));
     let (_, size, new) = kit::backup_line(&out);
     assert!(new < size * 95 / 100, "acknowledged chunks were kept; only the rest is uploaded: {out}");
