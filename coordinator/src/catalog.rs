@@ -109,6 +109,25 @@ pub struct SnapshotRow {
     pub files: i64,
 }
 
+impl SnapshotRow {
+    /// The catalog row of a committed manifest naming `chunks` distinct chunks.
+    pub fn from_manifest(m: &coffer_common::manifest::Manifest, chunks: usize, new_bytes: i64) -> SnapshotRow {
+        let secs = |t: &str| coffer_common::time::parse_rfc3339(t).map(coffer_common::time::unix_seconds).unwrap_or(0);
+        SnapshotRow {
+            id: m.snapshot.clone(),
+            asset: m.asset.clone(),
+            kind: m.kind.clone(),
+            agent: m.agent.clone(),
+            started_at: secs(&m.started_at),
+            finished_at: secs(&m.finished_at),
+            size: m.total_size() as i64,
+            new_bytes,
+            chunks: chunks as i64,
+            files: m.files.len() as i64,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct AssetRow {
     pub id: i64,

@@ -108,19 +108,7 @@ async fn recover_snapshot(repo: &Repo, catalog: &Catalog, asset: &str, snapshot:
     if !missing.is_empty() {
         return Err(format!("{} chunks are missing", missing.len()));
     }
-    let secs = |t: &str| coffer_common::time::parse_rfc3339(t).map(coffer_common::time::unix_seconds).unwrap_or(0);
-    let row = SnapshotRow {
-        id: snapshot.to_string(),
-        asset: asset.to_string(),
-        kind: m.kind.clone(),
-        agent: m.agent.clone(),
-        started_at: secs(&m.started_at),
-        finished_at: secs(&m.finished_at),
-        size: m.total_size() as i64,
-        new_bytes: 0,
-        chunks: ids.len() as i64,
-        files: m.files.len() as i64,
-    };
+    let row = SnapshotRow::from_manifest(&m, ids.len(), 0);
     catalog.insert_snapshot(&row, asset_id).await.map_err(|e| e.to_string())?;
     tracing::info!(asset, snapshot, "recorded a committed snapshot the catalog did not know");
     Ok(())

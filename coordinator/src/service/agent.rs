@@ -204,19 +204,8 @@ impl AgentApi {
         let (repo, asset, snap, bytes, sig) =
             (st.repo.clone(), b.asset.clone(), snapshot.clone(), r.manifest, r.signature);
         blocking(move || repo.write_manifest(&asset, &snap, &bytes, &sig)).await??;
-        let secs = |t: &str| coffer_common::time::parse_rfc3339(t).map(coffer_common::time::unix_seconds).unwrap_or(0);
-        let row = SnapshotRow {
-            id: snapshot.clone(),
-            asset: b.asset.clone(),
-            kind: b.kind.clone(),
-            agent: b.agent.clone(),
-            started_at: secs(&m.started_at),
-            finished_at: secs(&m.finished_at),
-            size: m.total_size() as i64,
-            new_bytes: b.bytes_stored,
-            chunks: ids.len() as i64,
-            files: m.files.len() as i64,
-        };
+        // The manifest's snapshot, asset, kind and agent were checked against the backup above.
+        let row = SnapshotRow::from_manifest(&m, ids.len(), b.bytes_stored);
         st.catalog.insert_snapshot(&row, b.asset_id).await?;
         tracing::info!(asset = %b.asset, %snapshot, size = row.size, new_bytes = row.new_bytes, "snapshot committed");
         Ok(pb::CommitBackupResponse { snapshot: Some(snapshot_info(&row)) })
