@@ -9,6 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     // Reflection serves this descriptor set; write it before generating code from it.
     std::fs::write(out.join("coffer_v1.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Chunk payloads decode as `Bytes` views into the receive buffer instead of copies.
+    tonic_prost_build::configure()
+        .bytes(".coffer.v1.UploadChunksRequest.data")
+        .bytes(".coffer.v1.DownloadChunksResponse.data")
+        .compile_fds(fds)?;
     Ok(())
 }

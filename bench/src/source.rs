@@ -1,11 +1,17 @@
 //! The `files` source: a directory tree, backed up file by file in sorted path order.
 //!
-//! It exists to measure the runtime and protocol every agent uses, so it adds nothing of
-//! its own: no metadata-based skipping of unchanged files, no permissions or ownership.
+//! It exists to measure the runtime and protocol every agent uses. Like restic's file
+//! cache, a file whose size, mtime, ctime and inode equal those recorded in the previous
+//! snapshot is not read again: its entry (chunk list and SHA-256) is reused and the
+//! coordinator checks at commit that every chunk it names is stored. A file changed less
+//! than [`RACY`] before the previous walk is always read again, since a write in the same
+//! timestamp tick would not move its mtime. No permissions or ownership are recorded.
 //! Only regular files are captured; symlinks and special files are skipped with a warning.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coffer_common::manifest::{Manifest, is_safe_relative_path};
 use coffer_common::runtime::{BackupSink, Probe, SnapshotReader, Source, SourceError, VerifyReport};
@@ -16,11 +22,73 @@ pub struct DirSource {
     pub dir: Option<PathBuf>,
 }
 
-/// A regular file found by [`walk`]: its path relative to the root (`/`-separated) and on disk.
+/// A regular file found by [`walk`]: its path relative to the root (`/`-separated) and on disk,
+/// and what identifies its content between backups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     pub rel: String,
     pub abs: PathBuf,
+    pub stat: Stat,
+}
+
+/// Size, mtime and ctime (nanoseconds since the epoch) and inode of a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub ctime_ns: i64,
+    pub ino: u64,
+}
+
+impl Stat {
+    fn of(m: &std::fs::Metadata) -> Stat {
+        Stat {
+            size: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+            ino: m.ino(),
+        }
+    }
+
+    fn to_json(self) -> Value {
+        json!([self.size, self.mtime_ns, self.ctime_ns, self.ino])
+    }
+
+    fn from_json(v: &Value) -> Option<Stat> {
+        let a = v.as_array()?;
+        match a.as_slice() {
+            [size, m, c, ino] => {
+                Some(Stat { size: size.as_u64()?, mtime_ns: m.as_i64()?, ctime_ns: c.as_i64()?, ino: ino.as_u64()? })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Changes this close to a walk may share a timestamp tick with a later write.
+pub const RACY: Duration = Duration::from_secs(1);
+
+fn now_ns() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i64)
+}
+
+/// The unchanged-file record of a previous snapshot: when its walk started, and each file's stat.
+struct Previous<'a> {
+    walked_at_ns: i64,
+    stats: &'a serde_json::Map<String, Value>,
+    entries: std::collections::HashMap<&'a str, &'a coffer_common::manifest::FileEntry>,
+}
+
+impl Previous<'_> {
+    /// The previous entry of `f` if the file is certainly unchanged since.
+    fn unchanged(&self, f: &Found) -> Option<coffer_common::manifest::FileEntry> {
+        let old = Stat::from_json(self.stats.get(&f.rel)?)?;
+        let settled = self.walked_at_ns - RACY.as_nanos() as i64;
+        if old != f.stat || old.mtime_ns >= settled || old.ctime_ns >= settled {
+            return None;
+        }
+        self.entries.get(f.rel.as_str()).filter(|e| e.size == f.stat.size).map(|e| (*e).clone())
+    }
 }
 
 /// Every regular file under `root`, sorted by relative path.
@@ -40,7 +108,9 @@ pub fn walk(root: &Path) -> Result<Vec<Found>, SourceError> {
             if ty.is_dir() {
                 stack.push((entry.path(), rel));
             } else if ty.is_file() {
-                out.push(Found { rel, abs: entry.path() });
+                let meta =
+                    entry.metadata().map_err(SourceError::io(format!("inspecting {}", entry.path().display())))?;
+                out.push(Found { rel, abs: entry.path(), stat: Stat::of(&meta) });
             } else {
                 tracing::warn!(path = %entry.path().display(), "skipping: not a regular file or directory");
             }
@@ -73,12 +143,34 @@ impl Source for DirSource {
     async fn backup(&self, sink: &mut BackupSink) -> Result<BTreeMap<String, Value>, SourceError> {
         let dir = self.dir.clone().ok_or_else(|| SourceError::Failed("--dir is required for backup".into()))?;
         let root = dir.clone();
+        let walked_at_ns = now_ns();
         let files = tokio::task::spawn_blocking(move || walk(&root))
             .await
             .map_err(|e| SourceError::Failed(format!("walk thread: {e}")))??;
-        // Files go to the sink in groups, which streams two at a time; a group's files are
-        // open only while it is being streamed.
-        for group in files.chunks(32) {
+        // Unchanged files first (entries reused, nothing read), then the rest streamed.
+        let previous = sink.previous().and_then(|p| {
+            let m = &p.manifest;
+            Some(Previous {
+                walked_at_ns: m.source.get("walked_at_ns")?.as_i64()?,
+                stats: m.source.get("stat")?.as_object()?,
+                entries: m.files.iter().map(|e| (e.path.as_str(), e)).collect(),
+            })
+        });
+        let mut changed = Vec::new();
+        let mut reused = Vec::new();
+        for f in &files {
+            match previous.as_ref().and_then(|p| p.unchanged(f)) {
+                Some(entry) => reused.push(entry),
+                None => changed.push(f),
+            }
+        }
+        let unchanged = reused.len();
+        for entry in reused {
+            sink.reuse_file(entry)?;
+        }
+        // Changed files go to the sink in groups, which streams two at a time; a group's
+        // files are open only while it is being streamed.
+        for group in changed.chunks(32) {
             let opened = group
                 .iter()
                 .map(|f| {
@@ -90,10 +182,15 @@ impl Source for DirSource {
             sink.add_files(opened).await?;
         }
         let bytes: u64 = sink.files().iter().map(|f| f.size).sum();
+        tracing::info!(files = files.len(), unchanged, "files backed up");
+        let stats: serde_json::Map<String, Value> = files.iter().map(|f| (f.rel.clone(), f.stat.to_json())).collect();
         let mut meta = BTreeMap::new();
         meta.insert("root".into(), json!(dir.display().to_string()));
         meta.insert("files".into(), json!(files.len()));
+        meta.insert("unchanged".into(), json!(unchanged));
         meta.insert("bytes".into(), json!(bytes));
+        meta.insert("walked_at_ns".into(), json!(walked_at_ns));
+        meta.insert("stat".into(), Value::Object(stats));
         Ok(meta)
     }
 

@@ -20,7 +20,7 @@
 
 use std::fmt;
 
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 use ring::{hkdf, hmac};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -205,14 +205,25 @@ impl ChunkCipher {
         out
     }
 
-    /// Decrypts (in place) and decompresses a chunk, checking that it is `expected_len`
-    /// bytes long. Authentication binds the chunk to `id`: its key is derived from the id
-    /// and the id is in the associated data, so only a holder of the data key could have
-    /// sealed these bytes as this chunk. Restore relies on that plus each file's SHA-256;
+    /// Decrypts and decompresses a chunk, checking that it is `expected_len` bytes long.
+    /// Authentication binds the chunk to `id`: its key is derived from the id and the id is
+    /// in the associated data, so only a holder of the data key could have sealed these
+    /// bytes as this chunk. Restore relies on that plus each file's SHA-256;
     /// [`ChunkCipher::open_and_check_id`] also recomputes the keyed id of the plaintext.
-    pub fn open(&self, id: &ChunkId, mut stored: Vec<u8>, expected_len: usize) -> Result<Vec<u8>, CryptoError> {
+    pub fn open(&self, id: &ChunkId, stored: &[u8], expected_len: usize) -> Result<Vec<u8>, CryptoError> {
+        if expected_len > MAX_CHUNK_SIZE as usize {
+            return Err(CryptoError::TooLarge { id: *id, len: expected_len, max: MAX_CHUNK_SIZE as usize });
+        }
+        let mut out = vec![0u8; expected_len];
+        self.open_into(id, stored, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`ChunkCipher::open`] into `out`, whose length is the plaintext length the manifest
+    /// gives: restore decrypts each chunk straight into its place in the file's buffer.
+    pub fn open_into(&self, id: &ChunkId, stored: &[u8], out: &mut [u8]) -> Result<(), CryptoError> {
         let tampered = |detail: &str| CryptoError::Tampered { id: *id, detail: detail.to_string() };
-        if stored.len() > MAX_STORED_CHUNK || expected_len > MAX_CHUNK_SIZE as usize {
+        if stored.len() > MAX_STORED_CHUNK {
             return Err(CryptoError::TooLarge { id: *id, len: stored.len(), max: MAX_STORED_CHUNK });
         }
         if stored.len() < PREFIX_LEN + TAG_LEN {
@@ -224,40 +235,46 @@ impl ChunkCipher {
         }
         let aad = aad(id, header);
         let nonce: [u8; NONCE_LEN] = stored[HEADER_LEN..PREFIX_LEN].try_into().expect("12 bytes");
-        let body_len = self
-            .chunk_key(id)
-            .open_within(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut stored, PREFIX_LEN..)
-            .map_err(|_| tampered("authentication tag does not verify"))?
-            .len();
-        stored.truncate(body_len);
-        let plaintext = match header[1] {
-            0 => stored,
-            1 => {
-                let mut out = Vec::with_capacity(expected_len);
+        let (body, tag) = stored[PREFIX_LEN..].split_at(stored.len() - PREFIX_LEN - TAG_LEN);
+        let tag = Tag::try_from(tag).expect("16 bytes");
+        let key = self.chunk_key(id);
+        let decrypt = |buf: &mut [u8]| {
+            key.open_in_place_separate_tag(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), tag, buf, 0..)
+                .map(|_| ())
+                .map_err(|_| tampered("authentication tag does not verify"))
+        };
+        let plain_len = match header[1] {
+            0 => {
+                if body.len() != out.len() {
+                    return Err(tampered(&format!("plaintext is {} bytes, expected {}", body.len(), out.len())));
+                }
+                out.copy_from_slice(body);
+                decrypt(out)?;
+                out.len()
+            }
+            1 => SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                scratch.clear();
+                scratch.extend_from_slice(body);
+                decrypt(&mut scratch)?;
                 DECOMPRESSOR
                     .with(|d| match d.borrow_mut().as_mut() {
-                        Some(d) => d.decompress_to_buffer(&stored, &mut out).map_err(|e| e.to_string()),
+                        Some(d) => d.decompress_to_buffer(&scratch[..], &mut *out).map_err(|e| e.to_string()),
                         None => Err("no zstd context".to_string()),
                     })
-                    .map_err(|e| tampered(&format!("zstd: {e}")))?;
-                out
-            }
+                    .map_err(|e| tampered(&format!("zstd: {e}")))
+            })?,
             m => return Err(tampered(&format!("unknown compression {m}"))),
         };
-        if plaintext.len() != expected_len {
-            return Err(tampered(&format!("plaintext is {} bytes, expected {expected_len}", plaintext.len())));
+        if plain_len != out.len() {
+            return Err(tampered(&format!("plaintext is {plain_len} bytes, expected {}", out.len())));
         }
-        Ok(plaintext)
+        Ok(())
     }
 
     /// [`ChunkCipher::open`], then checks that the plaintext hashes to `id` under the id key
     /// (for single-chunk checks with no whole-file hash to fall back on).
-    pub fn open_and_check_id(
-        &self,
-        id: &ChunkId,
-        stored: Vec<u8>,
-        expected_len: usize,
-    ) -> Result<Vec<u8>, CryptoError> {
+    pub fn open_and_check_id(&self, id: &ChunkId, stored: &[u8], expected_len: usize) -> Result<Vec<u8>, CryptoError> {
         let plaintext = self.open(id, stored, expected_len)?;
         if self.chunk_id(&plaintext) != *id {
             return Err(CryptoError::Tampered { id: *id, detail: "plaintext does not hash to its id".into() });
@@ -272,6 +289,8 @@ thread_local! {
         std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
+    /// A compressed chunk is decrypted here before it is decompressed into its place.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn aad(id: &ChunkId, header: [u8; 2]) -> [u8; 34] {
@@ -323,7 +342,7 @@ mod tests {
         let sealed = c.seal(&id, &text);
         assert_eq!(sealed[1], 1);
         assert!(sealed.len() < text.len() / 10);
-        assert_eq!(c.open(&id, sealed, text.len()).unwrap(), text);
+        assert_eq!(c.open(&id, &sealed, text.len()).unwrap(), text);
 
         let random: Vec<u8> = (0..1600u32).flat_map(|i| sha256(&i.to_le_bytes())).collect();
         let id = c.chunk_id(&random);
@@ -349,14 +368,14 @@ mod tests {
         for i in 0..sealed.len() {
             let mut bad = sealed.clone();
             bad[i] ^= 0x40;
-            let err = c.open(&id, bad, data.len()).unwrap_err();
+            let err = c.open(&id, &bad, data.len()).unwrap_err();
             assert!(err.to_string().contains(&id.to_hex()), "{err}");
         }
         let other = c.chunk_id(b"other");
-        assert!(c.open(&other, sealed.clone(), data.len()).is_err(), "a chunk presented under another id must fail");
-        assert!(c.open_and_check_id(&other, sealed.clone(), data.len()).is_err());
-        assert_eq!(c.open_and_check_id(&id, sealed.clone(), data.len()).unwrap(), data);
-        assert!(c.open(&id, sealed, data.len() + 1).is_err(), "a wrong length must fail");
+        assert!(c.open(&other, &sealed, data.len()).is_err(), "a chunk presented under another id must fail");
+        assert!(c.open_and_check_id(&other, &sealed, data.len()).is_err());
+        assert_eq!(c.open_and_check_id(&id, &sealed, data.len()).unwrap(), data);
+        assert!(c.open(&id, &sealed, data.len() + 1).is_err(), "a wrong length must fail");
     }
 
     #[test]
@@ -364,7 +383,7 @@ mod tests {
         let c = cipher();
         let d = ChunkCipher::new(&SecretKey::from_bytes([1; 32]), &SecretKey::from_bytes([3; 32]));
         let id = c.chunk_id(b"hello");
-        assert!(matches!(d.open(&id, c.seal(&id, b"hello"), 5), Err(CryptoError::Tampered { .. })));
+        assert!(matches!(d.open(&id, &c.seal(&id, b"hello"), 5), Err(CryptoError::Tampered { .. })));
     }
 
     #[test]
@@ -373,7 +392,7 @@ mod tests {
         let id = c.chunk_id(b"same plaintext");
         let (a, b) = (c.seal(&id, b"same plaintext"), c.seal(&id, b"same plaintext"));
         assert_ne!(a[HEADER_LEN..PREFIX_LEN], b[HEADER_LEN..PREFIX_LEN]);
-        assert_eq!(c.open(&id, a, 14).unwrap(), c.open(&id, b, 14).unwrap());
+        assert_eq!(c.open(&id, &a, 14).unwrap(), c.open(&id, &b, 14).unwrap());
     }
 
     #[test]
@@ -388,7 +407,7 @@ mod tests {
             let c = cipher();
             let id = c.chunk_id(&data);
             let sealed = c.seal(&id, &data);
-            prop_assert_eq!(c.open(&id, sealed, data.len()).unwrap(), data);
+            prop_assert_eq!(c.open(&id, &sealed, data.len()).unwrap(), data);
         }
     }
 }

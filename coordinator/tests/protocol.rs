@@ -254,8 +254,8 @@ async fn message_and_frame_limits() {
         async move {
             let snap = begin(&mut raw).await;
             let frames = vec![
-                pb::UploadChunksRequest { snapshot_id: snap, id: vec![], data: vec![] },
-                pb::UploadChunksRequest { snapshot_id: String::new(), id: vec![1; 32], data: vec![7; data_len] },
+                pb::UploadChunksRequest { snapshot_id: snap, id: vec![], data: Default::default() },
+                pb::UploadChunksRequest { snapshot_id: String::new(), id: vec![1; 32], data: vec![7; data_len].into() },
             ];
             let mut acks = raw.upload_chunks(futures::stream::iter(frames)).await?.into_inner();
             let mut got = Vec::new();

@@ -57,7 +57,7 @@ pub struct PipelineOptions {
 impl Default for PipelineOptions {
     fn default() -> Self {
         PipelineOptions {
-            memory_budget: 32 << 20,
+            memory_budget: 24 << 20,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
             quiet: false,
         }
@@ -575,7 +575,7 @@ async fn seal_stage(
 async fn upload_stage(coord: Coordinator, snapshot: String, mut rx: mpsc::Receiver<Sealed>) -> Result<(), ClientError> {
     let (frame_tx, frame_rx) = mpsc::channel::<pb::UploadChunksRequest>(4);
     frame_tx
-        .send(pb::UploadChunksRequest { snapshot_id: snapshot.clone(), id: Vec::new(), data: Vec::new() })
+        .send(pb::UploadChunksRequest { snapshot_id: snapshot.clone(), id: Vec::new(), data: Default::default() })
         .await
         .map_err(|_| ClientError::Protocol("upload stream closed".into()))?;
     let mut acks = coord
@@ -607,7 +607,7 @@ async fn upload_stage(coord: Coordinator, snapshot: String, mut rx: mpsc::Receiv
 
     while let Some(s) = rx.recv().await {
         inflight.lock().expect("inflight lock").insert(s.id, s.permit);
-        let frame = pb::UploadChunksRequest { snapshot_id: String::new(), id: s.id.0.to_vec(), data: s.data };
+        let frame = pb::UploadChunksRequest { snapshot_id: String::new(), id: s.id.0.to_vec(), data: s.data.into() };
         tokio::select! {
             sent = frame_tx.send(frame) => if sent.is_err() { break },
             // The stream failed (or ended early); the ack task has the reason.

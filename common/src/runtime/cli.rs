@@ -45,7 +45,7 @@ pub struct AgentArgs {
     #[arg(long, global = true, env = "COFFER_RECOVERY_RECIPIENT", value_delimiter = ',')]
     pub recovery_recipient: Vec<String>,
     /// Bytes of chunk data in flight (reading to acknowledgement).
-    #[arg(long, global = true, env = "COFFER_MEMORY_BUDGET", default_value = "32MiB", value_parser = parse_size)]
+    #[arg(long, global = true, env = "COFFER_MEMORY_BUDGET", default_value = "24MiB", value_parser = parse_size)]
     pub memory_budget: u64,
     /// Parallel download streams during restore.
     #[arg(long, global = true, env = "COFFER_RESTORE_PARALLEL", default_value_t = 4)]

@@ -3,7 +3,7 @@
 //! signed manifest before the restore is reported good.
 
 use std::fs::File;
-use std::io::{IoSlice, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::client::{ClientError, Coordinator, SignedManifest};
+use super::direct::{Extent, ExtentPool, ExtentSink, Plain, RestoreFile};
 use super::progress::Progress;
 use crate::crypto::{ChunkCipher, FileHasher};
 use crate::keyring::Keyring;
@@ -100,15 +101,16 @@ impl SnapshotReader {
         let io = |context: String| move |source| ClientError::Io { context, source };
         let open = {
             let dests = dests.clone();
-            move |i: usize| -> Result<File, ClientError> {
+            move |i: usize| -> Result<RestoreFile, ClientError> {
                 let dest = &dests[i];
                 if let Some(dir) = dest.parent() {
                     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
                 }
-                File::create(dest).map_err(io(format!("creating {}", dest.display())))
+                RestoreFile::create(dest).map_err(io(format!("creating {}", dest.display())))
             }
         };
-        let finish = move |i: usize, f: File| -> Result<(), ClientError> {
+        let finish = move |i: usize, f: RestoreFile| -> Result<(), ClientError> {
+            let f = f.finish().map_err(io(format!("writing {}", dests[i].display())))?;
             sync_tx.send((dests[i].clone(), f)).map_err(|_| ClientError::Protocol("sync thread stopped".into()))
         };
         let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
@@ -120,20 +122,25 @@ impl SnapshotReader {
 
     /// Streams the verified contents of file `path` into `writer` and returns it.
     pub async fn restore_file<W: Write + Send + 'static>(&self, path: &str, writer: W) -> Result<W, ClientError> {
+        let path_owned = path.to_string();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let mut writer = Some(writer);
+        let mut writer = Some(Plain(writer));
         let open = move |_| writer.take().ok_or_else(|| ClientError::Protocol("file opened twice".into()));
-        let finish = move |_, w: W| tx.send(w).map_err(|_| ClientError::Protocol("receiver gone".into()));
+        let finish = move |_, mut w: Plain<W>| {
+            w.0.flush().map_err(|source| ClientError::Io { context: format!("writing {path_owned}"), source })?;
+            tx.send(w.0).map_err(|_| ClientError::Protocol("receiver gone".into()))
+        };
         self.restore_into(&[path], open, finish).await?;
         rx.recv().map_err(|_| ClientError::Protocol("restored writer lost".into()))
     }
 
     /// The restore engine: one ordered stream of download batches over all `paths`, fetched
-    /// `parallel` at a time, decrypted and checked on blocking threads, written in order by
-    /// one writer thread that checks each file's size and SHA-256 before `finish`.
+    /// `parallel` at a time, each decrypted and checked on a blocking thread straight into an
+    /// aligned [`Extent`], written in order by one writer thread; a hasher thread then checks
+    /// each file's size and SHA-256 before `finish`.
     async fn restore_into<W, O, F>(&self, paths: &[&str], mut open: O, mut finish: F) -> Result<(), ClientError>
     where
-        W: Write + Send + 'static,
+        W: ExtentSink + Send + 'static,
         O: FnMut(usize) -> Result<W, ClientError> + Send + 'static,
         F: FnMut(usize, W) -> Result<(), ClientError> + Send + 'static,
     {
@@ -141,15 +148,15 @@ impl SnapshotReader {
             .iter()
             .map(|p| self.manifest().file(p).cloned().ok_or_else(|| self.corrupt(format!("has no file {p:?}"))))
             .collect::<Result<_, _>>()?;
-        let (tx, mut rx) = mpsc::channel::<(usize, Vec<Vec<u8>>)>(2);
+        let (tx, mut rx) = mpsc::channel::<(usize, Extent)>(2);
         let progress = self.progress.clone();
         let snapshot = self.signed.info.id.clone();
         let expected: Vec<(String, u64, String)> =
             entries.iter().map(|e| (e.path.clone(), e.size, e.sha256.clone())).collect();
-        // Two threads consume the ordered batches: the writer, then (handed each batch after
+        // Two threads consume the ordered extents: the writer, then (handed each extent after
         // writing it) the hasher, which checks every file's size and SHA-256.
         let total = expected.len();
-        let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<(usize, Vec<Vec<u8>>)>(2);
+        let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<(usize, Extent)>(2);
         let hasher = std::thread::spawn(move || -> Result<(), ClientError> {
             let mut check = |i: usize, (h, size): (FileHasher, u64)| -> Result<(), ClientError> {
                 let sha = hex::encode(h.finish());
@@ -166,43 +173,44 @@ impl SnapshotReader {
             };
             let mut fresh = |_| Ok((FileHasher::default(), 0u64));
             let mut walk = Walk::default();
-            for (i, batch) in hash_rx {
+            for (i, extent) in hash_rx {
                 let (h, size) = walk.at(i, &mut fresh, &mut check)?;
-                for chunk in &batch {
-                    h.update(chunk);
-                    *size += chunk.len() as u64;
-                    progress.add(chunk.len() as u64);
-                }
+                let data = extent.data();
+                h.update(data);
+                *size += data.len() as u64;
+                progress.add(data.len() as u64);
             }
             walk.end(total, &mut fresh, &mut check)
         });
         let writer_task = tokio::task::spawn_blocking(move || {
-            let mut close = |i: usize, mut w: W| -> Result<(), ClientError> {
-                w.flush().map_err(|source| ClientError::Io { context: format!("writing file #{i}"), source })?;
-                finish(i, w)
-            };
             let mut walk = Walk::default();
-            while let Some((i, batch)) = rx.blocking_recv() {
-                let w = walk.at(i, &mut open, &mut close)?;
-                write_batch(w, &batch)
+            while let Some((i, mut extent)) = rx.blocking_recv() {
+                let w = walk.at(i, &mut open, &mut finish)?;
+                w.write_extent(&mut extent)
                     .map_err(|source| ClientError::Io { context: format!("writing file #{i}"), source })?;
-                if hash_tx.send((i, batch)).is_err() {
+                if hash_tx.send((i, extent)).is_err() {
                     return Ok(()); // the hasher stopped; its error is reported
                 }
             }
             // Files after the last batch (and empty files) still have to exist.
-            walk.end(total, &mut open, &mut close)
+            walk.end(total, &mut open, &mut finish)
         });
 
-        let jobs: Vec<(usize, Vec<ChunkRef>)> = entries
-            .iter()
-            .enumerate()
-            .flat_map(|(i, e)| batch_refs(&e.chunks, self.opts.batch_bytes).into_iter().map(move |b| (i, b)))
-            .collect();
+        let mut jobs: Vec<(usize, u64, Vec<ChunkRef>)> = Vec::new();
+        for (i, e) in entries.iter().enumerate() {
+            let mut offset = 0u64;
+            for b in batch_refs(&e.chunks, self.opts.batch_bytes) {
+                let len: u64 = b.iter().map(|r| u64::from(r.1)).sum();
+                jobs.push((i, offset, b));
+                offset += len;
+            }
+        }
+        let pool = Arc::new(ExtentPool::default());
         let mut fetched = futures::stream::iter(jobs)
-            .map(|(i, b)| {
+            .map(|(i, offset, b)| {
                 let entry = &entries[i];
-                async move { self.fetch_batch(entry, b).await.map(|v| (i, v)) }
+                let pool = pool.clone();
+                async move { self.fetch_batch(entry, offset, b, pool).await.map(|v| (i, v)) }
             })
             .buffered(self.opts.parallel);
         let mut failure = None;
@@ -229,7 +237,15 @@ impl SnapshotReader {
         written.and(hashed)
     }
 
-    async fn fetch_batch(&self, entry: &FileEntry, refs: Vec<ChunkRef>) -> Result<Vec<Vec<u8>>, ClientError> {
+    /// Downloads one batch of a file's chunks (starting at plaintext offset `offset`) and
+    /// decrypts each into its place in one extent.
+    async fn fetch_batch(
+        &self,
+        entry: &FileEntry,
+        offset: u64,
+        refs: Vec<ChunkRef>,
+        pool: Arc<ExtentPool>,
+    ) -> Result<Extent, ClientError> {
         let ids: Vec<Vec<u8>> = refs.iter().map(|r| r.0.0.to_vec()).collect();
         let asset = self.manifest().asset.clone();
         let frames = self
@@ -262,26 +278,22 @@ impl SnapshotReader {
         let snapshot = self.signed.info.id.clone();
         let path = entry.path.clone();
         tokio::task::spawn_blocking(move || {
-            refs.iter()
-                .zip(frames)
-                .map(|(r, f)| {
-                    let corrupt = |detail: String| ClientError::Corrupt { snapshot: snapshot.clone(), detail };
-                    if f.id != r.0.0 {
-                        return Err(ClientError::Protocol(format!("chunk {} arrived out of order", r.0)));
-                    }
-                    let plain =
-                        cipher.open(&r.0, f.data, r.1 as usize).map_err(|e| corrupt(format!("file {path:?}: {e}")))?;
-                    if plain.len() != r.1 as usize {
-                        return Err(corrupt(format!(
-                            "file {path:?}: chunk {} has length {}, manifest says {}",
-                            r.0,
-                            plain.len(),
-                            r.1
-                        )));
-                    }
-                    Ok(plain)
-                })
-                .collect()
+            let len: u64 = refs.iter().map(|r| u64::from(r.1)).sum();
+            let mut extent = pool.extent(offset, len as usize);
+            let out = extent.data_mut();
+            let mut at = 0usize;
+            for (r, f) in refs.iter().zip(frames) {
+                if f.id != r.0.0 {
+                    return Err(ClientError::Protocol(format!("chunk {} arrived out of order", r.0)));
+                }
+                let end = at + r.1 as usize;
+                cipher.open_into(&r.0, &f.data, &mut out[at..end]).map_err(|e| ClientError::Corrupt {
+                    snapshot: snapshot.clone(),
+                    detail: format!("file {path:?}: {e}"),
+                })?;
+                at = end;
+            }
+            Ok(extent)
         })
         .await
         .map_err(|e| ClientError::Protocol(format!("decrypt worker: {e}")))?
@@ -290,22 +302,6 @@ impl SnapshotReader {
     pub fn finish(&self) {
         self.progress.finish();
     }
-}
-
-/// Writes a batch of chunks with as few system calls as possible (one `writev` per batch
-/// when the writer is a file).
-fn write_batch<W: Write>(w: &mut W, batch: &[Vec<u8>]) -> std::io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|c| IoSlice::new(c)).collect();
-    let mut rest = &mut slices[..];
-    while !rest.is_empty() {
-        match w.write_vectored(rest) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut rest, n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Walks files `0..total` in order as batches for them arrive: each file is opened once and

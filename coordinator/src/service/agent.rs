@@ -397,7 +397,7 @@ impl AgentService for AgentApi {
                     pack::read_chunk(f, pack_id, entry)
                 })();
                 let msg = result
-                    .map(|data| pb::DownloadChunksResponse { id: id.0.to_vec(), data })
+                    .map(|data| pb::DownloadChunksResponse { id: id.0.to_vec(), data: data.into() })
                     .map_err(|e| Status::from(ServiceError::from(e)));
                 let failed = msg.is_err();
                 if tx.blocking_send(msg).is_err() || failed {

@@ -20,6 +20,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use coffer_common::crypto::ChunkId;
+use rustix::buffer::spare_capacity;
 
 use super::{StoreError, random_hex, sync_dir};
 
@@ -193,8 +194,23 @@ pub fn read_index(path: &Path) -> Result<(String, Vec<Entry>, u64), StoreError> 
 
 /// Reads one stored chunk and checks its CRC-32C.
 pub fn read_chunk(file: &File, pack_id: &str, e: &Entry) -> Result<Vec<u8>, StoreError> {
-    let mut buf = vec![0u8; e.length as usize];
-    file.read_exact_at(&mut buf, e.offset).map_err(StoreError::io(format!("reading pack {pack_id}")))?;
+    let len = e.length as usize;
+    // Read into spare capacity: zeroing the buffer first would cost as much as the read.
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = e.offset + buf.len() as u64;
+        let n = match rustix::io::pread(file, spare_capacity(&mut buf), at) {
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(err) => return Err(StoreError::Io { context: format!("reading pack {pack_id}"), source: err.into() }),
+        };
+        if n == 0 {
+            return Err(StoreError::Corrupt {
+                what: format!("chunk {} in pack {pack_id} at offset {}", e.id, e.offset),
+                detail: "pack file is shorter than its index says".into(),
+            });
+        }
+    }
     if crc32c::crc32c(&buf) != e.crc {
         return Err(StoreError::Corrupt {
             what: format!("chunk {} in pack {pack_id} at offset {}", e.id, e.offset),
