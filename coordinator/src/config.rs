@@ -9,6 +9,8 @@ use std::time::Duration;
 use coffer_common::chunker::ChunkerParams;
 use coffer_common::telemetry::LogFormat;
 use coffer_common::units::{serde_duration, serde_size};
+
+use crate::policy::{Policy, PolicyConfig};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -45,10 +47,10 @@ pub struct Config {
     /// Chunker parameters per asset kind (default: 64 KiB / 256 KiB / 1 MiB).
     #[serde(default)]
     pub chunker: BTreeMap<String, ChunkerConfig>,
-    /// Expected interval between recovery points per asset kind (or full asset name); an
-    /// asset whose newest recovery point is older than twice this is stale.
+    /// The retention matrix: schedule, retention, copies, lock, drills per kind or asset,
+    /// over the built-in matrix (see `policy`).
     #[serde(default)]
-    pub frequency: BTreeMap<String, String>,
+    pub policy: PolicyConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -81,10 +83,6 @@ fn default_min_free() -> u64 {
 fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
-
-/// The retention matrix's frequencies (design brief §1) as the built-in default.
-pub const DEFAULT_FREQUENCY: [(&str, &str); 6] =
-    [("etcd", "1h"), ("postgres", "24h"), ("longhorn", "1h"), ("redis", "24h"), ("git", "1h"), ("objectstore", "24h")];
 
 impl Default for Config {
     fn default() -> Self {
@@ -143,11 +141,7 @@ impl Config {
                 problems.push(format!("chunker.{kind}: {e}"));
             }
         }
-        for (k, v) in &self.frequency {
-            if let Err(e) = coffer_common::units::parse_duration(v) {
-                problems.push(format!("frequency.{k}: {e}"));
-            }
-        }
+        problems.extend(self.policy.validate());
         if self.pack_size < (4 << 20) || self.pack_size > (1 << 30) {
             problems.push(format!("pack-size: {} is outside 4MiB..=1GiB", self.pack_size));
         }
@@ -172,14 +166,14 @@ impl Config {
         self.chunker.get(kind).map(ChunkerConfig::params).unwrap_or(ChunkerParams::DEFAULT)
     }
 
-    /// Expected interval between recovery points: per asset, then per kind, then built in.
-    pub fn frequency_for(&self, asset: &str, kind: &str) -> Option<Duration> {
-        self.frequency
-            .get(asset)
-            .or_else(|| self.frequency.get(kind))
-            .map(String::as_str)
-            .or_else(|| DEFAULT_FREQUENCY.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v))
-            .and_then(|v| coffer_common::units::parse_duration(v).ok())
+    /// The effective policy of `asset`. Config validation has checked every override, so
+    /// this only fails for a config that skipped `validate`; such an asset gets the
+    /// never-trigger, never-delete policy.
+    pub fn policy_for(&self, asset: &str) -> Policy {
+        self.policy.resolve(asset).unwrap_or_else(|problems| {
+            tracing::error!(asset, ?problems, "invalid policy; nothing is triggered or deleted for this asset");
+            Policy::inert()
+        })
     }
 }
 
@@ -238,13 +232,13 @@ mod tests {
             recovery-recipients = ["bob"]
             [agents.Bad]
             assets = []
-            [frequency]
-            git = "often"
+            [policy.kinds.git]
+            schedule = "often"
             "#,
         )
         .unwrap();
         let msg = c.validate().unwrap_err().to_string();
-        for needle in ["listen", "recovery-recipients", "agents.Bad", "grants nothing", "frequency.git"] {
+        for needle in ["listen", "recovery-recipients", "agents.Bad", "grants nothing", "policy.kinds.git.schedule"] {
             assert!(msg.contains(needle), "missing {needle} in {msg}");
         }
     }
@@ -255,8 +249,8 @@ mod tests {
             r#"
             [agents.git-1]
             assets = ["git/*"]
-            [frequency]
-            "git/slow" = "7d"
+            [policy.assets."git/slow"]
+            schedule = "weekly"
             "#,
         )
         .unwrap();
@@ -264,8 +258,8 @@ mod tests {
         assert!(c.agent_may("git-1", "git/x"));
         assert!(!c.agent_may("git-1", "etcd/x"));
         assert!(!c.agent_may("other", "git/x"));
-        assert_eq!(c.frequency_for("git/x", "git"), Some(Duration::from_secs(3600)));
-        assert_eq!(c.frequency_for("git/slow", "git"), Some(Duration::from_secs(7 * 86400)));
+        assert_eq!(c.policy_for("git/x").expected_interval, Some(Duration::from_secs(3600)));
+        assert_eq!(c.policy_for("git/slow").expected_interval, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(c.pack_size, 32 << 20);
         assert_eq!(Config::default().chunker_for("git"), ChunkerParams::DEFAULT);
     }

@@ -5,6 +5,8 @@
 pub mod catalog;
 pub mod certs;
 pub mod config;
+pub mod policy;
+pub mod retention;
 pub mod server;
 pub mod service;
 pub mod store;

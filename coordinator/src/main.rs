@@ -43,10 +43,25 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// The retention matrix as this coordinator applies it.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
     /// Development certificates.
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// Print the effective policy of every asset kind, of every asset named in the config,
+    /// and of every asset in the catalog (when the data directory has one).
+    Show {
+        #[command(flatten)]
+        common: Common,
     },
 }
 
@@ -91,6 +106,26 @@ fn main() -> anyhow::Result<()> {
             for f in issued.files {
                 println!("{}", f.display());
             }
+            Ok(())
+        }
+        Cmd::Policy { cmd: PolicyCmd::Show { common } } => {
+            let (config, data_dir) = load(&common)?;
+            let catalog = data_dir.join("catalog.db");
+            let assets = if catalog.exists() {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                rt.block_on(async {
+                    let c = coffer_coordinator::catalog::Catalog::open(&catalog).await?;
+                    let names = c.assets().await?.into_iter().map(|a| a.name).collect::<Vec<_>>();
+                    c.close().await;
+                    anyhow::Ok(names)
+                })
+                .with_context(|| format!("reading assets from {}", catalog.display()))?
+            } else {
+                Vec::new()
+            };
+            let table = coffer_coordinator::policy::show(&config.policy, &assets)
+                .map_err(|p| anyhow::anyhow!("invalid policy:\n  - {}", p.join("\n  - ")))?;
+            print!("{table}");
             Ok(())
         }
         Cmd::Verify { common } => {

@@ -14,7 +14,7 @@ pub struct AdminApi {
 impl AdminApi {
     fn status(&self, a: &AssetRow) -> pb::AssetStatus {
         let now = coffer_common::time::unix_seconds(coffer_common::time::now());
-        let expected = self.state.config.frequency_for(&a.name, &a.kind).map(|d| d.as_secs()).unwrap_or(0);
+        let expected = self.state.config.policy_for(&a.name).expected_interval.map(|d| d.as_secs()).unwrap_or(0);
         let (latest, at, age) = match &a.latest {
             Some((id, at)) => (
                 id.clone(),
