@@ -30,15 +30,26 @@ struct Cli {
 }
 
 async fn run(cli: Cli) -> Result<(), cli::CliError> {
+    let backup_source = |cli: &Cli, what: &str| {
+        let repo = cli.repo.clone().ok_or_else(|| {
+            cli::CliError::Source(coffer_common::runtime::SourceError::Failed(format!("--repo is required for {what}")))
+        })?;
+        Ok::<_, cli::CliError>(source::GitSource {
+            repo,
+            work_dir: cli.work_dir.clone(),
+            full_every: cli.full_every.max(1),
+        })
+    };
+    if let cli::Command::Run = cli.cmd {
+        // The daemon connects (and reconnects) on its own.
+        let source = backup_source(&cli, "run")?;
+        return coffer_common::runtime::daemon::run(&cli.agent, "git", &source).await;
+    }
     let ctx = cli.agent.connect("git").await?;
     match cli.cmd {
+        cli::Command::Run => unreachable!("handled above"),
         cli::Command::Backup => {
-            let repo = cli.repo.ok_or_else(|| {
-                cli::CliError::Source(coffer_common::runtime::SourceError::Failed(
-                    "--repo is required for backup".into(),
-                ))
-            })?;
-            let source = source::GitSource { repo, work_dir: cli.work_dir, full_every: cli.full_every.max(1) };
+            let source = backup_source(&cli, "backup")?;
             let info = cli::backup(&ctx, &source).await?;
             println!(
                 "snapshot {} of {}: {} in {} file(s), {} new",

@@ -32,8 +32,12 @@ struct Cli {
 async fn run(cli: Cli) -> Result<(), cli::CliError> {
     let started = Instant::now();
     let source = DirSource { dir: cli.dir };
+    if let cli::Command::Run = cli.cmd {
+        return coffer_common::runtime::daemon::run(&cli.agent, "files", &source).await;
+    }
     let ctx = cli.agent.connect(source.kind()).await?;
     match cli.cmd {
+        cli::Command::Run => unreachable!("handled above"),
         cli::Command::Backup => {
             let info = cli::backup(&ctx, &source).await?;
             println!(

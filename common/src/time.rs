@@ -25,6 +25,19 @@ pub fn from_unix_seconds(s: i64) -> SystemTime {
     if s >= 0 { UNIX_EPOCH + Duration::from_secs(s as u64) } else { UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) }
 }
 
+pub fn from_unix_millis(ms: i64) -> SystemTime {
+    if ms >= 0 {
+        UNIX_EPOCH + Duration::from_millis(ms as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_millis(ms.unsigned_abs())
+    }
+}
+
+/// RFC 3339 with milliseconds, for event times (attempts, sessions).
+pub fn rfc3339_millis(ms: i64) -> String {
+    humantime::format_rfc3339_millis(from_unix_millis(ms)).to_string()
+}
+
 /// A snapshot id: sortable by time (millisecond resolution), unique by a random suffix,
 /// safe in file names. Example: `20261124T095500.123Z-3fa81c2d`.
 pub fn new_snapshot_id(t: SystemTime) -> String {

@@ -22,6 +22,9 @@ fn split_number(s: &str) -> Option<(u64, &str)> {
 pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
     let err = |reason| ParseError { what: "duration", input: s.to_string(), reason };
     let (n, unit) = split_number(s).ok_or_else(|| err("expected a number followed by a unit"))?;
+    if unit == "ms" {
+        return Ok(Duration::from_millis(n));
+    }
     let secs = match unit {
         "s" | "sec" | "secs" => 1,
         "m" | "min" | "mins" => 60,
@@ -30,13 +33,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, ParseError> {
         "w" | "week" | "weeks" => 7 * 86_400,
         "mo" | "month" | "months" => 30 * 86_400,
         "y" | "year" | "years" => 365 * 86_400,
-        "" => return Err(err("missing unit (s, m, h, d, w, mo, y)")),
-        _ => return Err(err("unknown unit (use s, m, h, d, w, mo, y)")),
+        "" => return Err(err("missing unit (ms, s, m, h, d, w, mo, y)")),
+        _ => return Err(err("unknown unit (use ms, s, m, h, d, w, mo, y)")),
     };
     n.checked_mul(secs).map(Duration::from_secs).ok_or_else(|| err("too large"))
 }
 
 pub fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() != 0 {
+        return format!("{}ms", d.as_millis());
+    }
     let s = d.as_secs();
     for (unit, len) in [("y", 365 * 86_400), ("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
         if s >= len && s.is_multiple_of(len) {
@@ -120,6 +126,8 @@ mod tests {
         assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
         assert_eq!(parse_duration("12mo").unwrap(), Duration::from_secs(360 * 86_400));
         assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert!(parse_duration("7").unwrap_err().to_string().contains("missing unit"));
         assert!(parse_duration("7x").is_err());
         assert!(parse_duration("h").is_err());

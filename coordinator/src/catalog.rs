@@ -64,6 +64,20 @@ const SCHEMA: &[&str] = &[
         files INTEGER NOT NULL,
         committed_at INTEGER NOT NULL)",
     "CREATE INDEX IF NOT EXISTS snapshots_asset ON snapshots(asset_id, id)",
+    // One row per backup attempt: triggered by the scheduler or an operator (job id from
+    // the coordinator) or started by the agent on its own (job id = snapshot id).
+    "CREATE TABLE IF NOT EXISTS attempts (
+        job_id TEXT PRIMARY KEY,
+        asset TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        ended_ms INTEGER,
+        outcome TEXT NOT NULL,
+        snapshot_id TEXT,
+        error TEXT)",
+    "CREATE INDEX IF NOT EXISTS attempts_asset ON attempts(asset, started_ms)",
+    "CREATE INDEX IF NOT EXISTS attempts_snapshot ON attempts(snapshot_id)",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +107,37 @@ pub struct BackupRow {
     pub agent: String,
     pub state: String,
     pub bytes_stored: i64,
+}
+
+/// A backup attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptRow {
+    pub job_id: String,
+    pub asset: String,
+    pub agent: String,
+    pub trigger: String,
+    pub started_ms: i64,
+    pub ended_ms: Option<i64>,
+    /// `running`, `ok` or `failed`.
+    pub outcome: String,
+    pub snapshot_id: Option<String>,
+    pub error: Option<String>,
+}
+
+const ATTEMPT_COLUMNS: &str = "job_id, asset, agent, trigger, started_ms, ended_ms, outcome, snapshot_id, error";
+
+fn attempt_row(r: &sqlx::sqlite::SqliteRow) -> AttemptRow {
+    AttemptRow {
+        job_id: r.get(0),
+        asset: r.get(1),
+        agent: r.get(2),
+        trigger: r.get(3),
+        started_ms: r.get(4),
+        ended_ms: r.get(5),
+        outcome: r.get(6),
+        snapshot_id: r.get(7),
+        error: r.get(8),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +190,10 @@ pub struct Location {
 
 fn now() -> i64 {
     coffer_common::time::unix_seconds(coffer_common::time::now())
+}
+
+fn now_ms() -> i64 {
+    crate::scheduler::system_now_ms()
 }
 
 const SNAPSHOT_COLUMNS: &str =
@@ -261,6 +310,7 @@ impl Catalog {
         }))
     }
 
+    /// Ends an open backup (`aborted`), failing the attempt it carried out.
     pub async fn end_backup(&self, snapshot: &str, state: &str, error: Option<&str>) -> Result<()> {
         sqlx::query("UPDATE backups SET state = ?, error = ? WHERE snapshot_id = ? AND state = 'open'")
             .bind(state)
@@ -268,7 +318,7 @@ impl Catalog {
             .bind(snapshot)
             .execute(&self.pool)
             .await?;
-        Ok(())
+        self.end_attempt_of_snapshot(snapshot, false, error, now_ms()).await
     }
 
     /// Backups left open by a previous run can never complete: their upload streams died.
@@ -379,6 +429,12 @@ impl Catalog {
             .bind(&s.id)
             .execute(&mut *tx)
             .await?;
+        // The attempt this backup carried out succeeded.
+        sqlx::query("UPDATE attempts SET outcome = 'ok', ended_ms = ? WHERE snapshot_id = ? AND outcome = 'running'")
+            .bind(now_ms())
+            .bind(&s.id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -405,6 +461,105 @@ impl Catalog {
             .iter()
             .map(snapshot_row)
             .collect())
+    }
+
+    pub async fn start_attempt(&self, a: &AttemptRow) -> Result<()> {
+        sqlx::query(&format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"))
+            .bind(&a.job_id)
+            .bind(&a.asset)
+            .bind(&a.agent)
+            .bind(&a.trigger)
+            .bind(a.started_ms)
+            .bind(a.ended_ms)
+            .bind(&a.outcome)
+            .bind(&a.snapshot_id)
+            .bind(&a.error)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Links a running attempt to the backup that carries it out.
+    pub async fn attempt_snapshot(&self, job_id: &str, snapshot: &str) -> Result<bool> {
+        Ok(sqlx::query("UPDATE attempts SET snapshot_id = ? WHERE job_id = ? AND outcome = 'running'")
+            .bind(snapshot)
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            > 0)
+    }
+
+    /// Ends a running attempt (by job id); an attempt already ended is left as it is.
+    pub async fn end_attempt(&self, job_id: &str, ok: bool, error: Option<&str>, ended_ms: i64) -> Result<bool> {
+        Ok(sqlx::query(
+            "UPDATE attempts SET outcome = ?, error = ?, ended_ms = ? WHERE job_id = ? AND outcome = 'running'",
+        )
+        .bind(if ok { "ok" } else { "failed" })
+        .bind(error)
+        .bind(ended_ms)
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            > 0)
+    }
+
+    /// Ends the running attempt carried out by backup `snapshot`, if any.
+    pub async fn end_attempt_of_snapshot(
+        &self,
+        snapshot: &str,
+        ok: bool,
+        error: Option<&str>,
+        ended_ms: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE attempts SET outcome = ?, error = ?, ended_ms = ? WHERE snapshot_id = ? AND outcome = 'running'",
+        )
+        .bind(if ok { "ok" } else { "failed" })
+        .bind(error)
+        .bind(ended_ms)
+        .bind(snapshot)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Attempts still running when the coordinator stopped can no longer report.
+    pub async fn fail_running_attempts(&self, reason: &str, ended_ms: i64) -> Result<u64> {
+        Ok(sqlx::query("UPDATE attempts SET outcome = 'failed', error = ?, ended_ms = ? WHERE outcome = 'running'")
+            .bind(reason)
+            .bind(ended_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
+
+    /// Attempts newest first; all assets when `asset` is None; `limit` 0 means no limit.
+    pub async fn attempts(&self, asset: Option<&str>, limit: u32) -> Result<Vec<AttemptRow>> {
+        let limit = if limit == 0 { i64::MAX } else { limit as i64 };
+        let sql = format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE (? IS NULL OR asset = ?)
+             ORDER BY started_ms DESC, job_id DESC LIMIT ?"
+        );
+        Ok(sqlx::query(&sql)
+            .bind(asset)
+            .bind(asset)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(attempt_row)
+            .collect())
+    }
+
+    /// The newest attempt of every asset.
+    pub async fn last_attempts(&self) -> Result<HashMap<String, AttemptRow>> {
+        let sql = format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM attempts a WHERE job_id = (
+                SELECT job_id FROM attempts b WHERE b.asset = a.asset ORDER BY started_ms DESC, job_id DESC LIMIT 1)"
+        );
+        Ok(sqlx::query(&sql).fetch_all(&self.pool).await?.iter().map(|r| (r.get(1), attempt_row(r))).collect())
     }
 
     pub async fn assets(&self) -> Result<Vec<AssetRow>> {

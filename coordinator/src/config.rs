@@ -37,6 +37,12 @@ pub struct Config {
     /// Grace period for in-flight calls at shutdown.
     #[serde(default = "default_grace", with = "serde_duration")]
     pub shutdown_grace: Duration,
+    /// How often agent daemons send heartbeats; three missed ones end a session.
+    #[serde(default = "default_heartbeat", with = "serde_duration")]
+    pub heartbeat_interval: Duration,
+    /// How often the scheduler looks for due backups.
+    #[serde(default = "default_tick", with = "serde_duration")]
+    pub scheduler_tick: Duration,
     /// Agents by name (the NAME of spiffe://coffer/agent/NAME).
     #[serde(default)]
     pub agents: BTreeMap<String, AgentGrant>,
@@ -82,6 +88,12 @@ fn default_min_free() -> u64 {
 }
 fn default_grace() -> Duration {
     Duration::from_secs(30)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_tick() -> Duration {
+    Duration::from_secs(1)
 }
 
 impl Default for Config {
@@ -142,6 +154,12 @@ impl Config {
             }
         }
         problems.extend(self.policy.validate());
+        if self.heartbeat_interval < Duration::from_secs(1) || self.heartbeat_interval > Duration::from_secs(3600) {
+            problems.push("heartbeat-interval: must be between 1s and 1h".to_string());
+        }
+        if self.scheduler_tick < Duration::from_millis(100) || self.scheduler_tick > Duration::from_secs(60) {
+            problems.push("scheduler-tick: must be between 100ms and 1m".to_string());
+        }
         if self.pack_size < (4 << 20) || self.pack_size > (1 << 30) {
             problems.push(format!("pack-size: {} is outside 4MiB..=1GiB", self.pack_size));
         }

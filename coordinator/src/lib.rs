@@ -5,9 +5,12 @@
 pub mod catalog;
 pub mod certs;
 pub mod config;
+pub mod jobs;
 pub mod policy;
 pub mod retention;
+pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod sessions;
 pub mod store;
 pub mod verify;

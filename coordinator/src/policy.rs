@@ -154,6 +154,16 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// [`Schedule::next_after`] in milliseconds.
+    pub fn next_after_ms(&self, after_ms: i64) -> Option<i64> {
+        match self {
+            Schedule::Every(d) => Some(after_ms.saturating_add(d.as_millis() as i64)),
+            _ => self.next_after(after_ms.div_euclid(1000)).map(|s| s * 1000),
+        }
+    }
+}
+
 impl fmt::Display for Schedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -64,6 +64,12 @@ pub fn tls_files(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServeErro
 /// missing from the catalog are recorded.
 pub async fn reconcile(repo: &Repo, catalog: &Catalog) -> Result<(), ServeError> {
     let aborted = catalog.abort_open_backups("coordinator restarted before the backup was committed").await?;
+    let failed = catalog
+        .fail_running_attempts("coordinator restarted during the attempt", crate::scheduler::system_now_ms())
+        .await?;
+    if failed > 0 {
+        tracing::warn!(count = failed, "backup attempts interrupted by a restart marked failed");
+    }
     if aborted > 0 {
         tracing::warn!(count = aborted, "aborted backups interrupted by a restart");
     }
@@ -135,7 +141,16 @@ pub async fn serve(
     let catalog = Catalog::open(&data_dir.join("catalog.db")).await?;
     reconcile(&repo, &catalog).await?;
     let grace = config.shutdown_grace;
-    let state = Arc::new(State { config, repo, catalog: catalog.clone(), keyring_lock: Default::default() });
+    let state = Arc::new(State::new(config, repo, catalog.clone()));
+    let scheduler = {
+        let state = state.clone();
+        let tick = state.config.scheduler_tick;
+        let jobs = state.jobs.clone();
+        jobs.spawn("scheduler", tick, crate::scheduler::system_now_ms, shutdown.clone(), move || {
+            let state = state.clone();
+            async move { crate::scheduler::step(&state, crate::scheduler::system_now_ms()).await }
+        })
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<coffer_proto::v1::agent_service_server::AgentServiceServer<agent::AgentApi>>().await;
@@ -182,6 +197,7 @@ pub async fn serve(
         Ok(Err(e)) => tracing::error!("server task: {e}"),
         Err(_) => tracing::warn!("grace period over; dropping remaining calls"),
     }
+    let _ = scheduler.await;
     catalog.close().await;
     tracing::info!("coordinator stopped");
     Ok(())

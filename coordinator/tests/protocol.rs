@@ -102,7 +102,7 @@ fn signed_manifest(id: &AgentIdentity, snapshot: &str, chunks: Vec<ChunkRef>) ->
 }
 
 async fn begin(c: &mut pb::agent_service_client::AgentServiceClient<tonic::transport::Channel>) -> String {
-    c.begin_backup(pb::BeginBackupRequest { asset: "git/a".into(), kind: "git".into() })
+    c.begin_backup(pb::BeginBackupRequest { asset: "git/a".into(), kind: "git".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()

@@ -157,6 +157,23 @@ impl Coordinator {
         self.child.as_ref().expect("running").id()
     }
 
+    /// `grpcurl` against this coordinator as client `who` (`admin-ops`, `agent-git-1`, ...,
+    /// the certificate's file name in `certs`): `args` go between the flags and the address
+    /// (`-d JSON`), `method` after it (`list`, `coffer.v1.AdminService/ListAssets`).
+    pub fn grpcurl(&self, certs: &Path, who: &str, args: &[&str], method: &str) -> Output {
+        let mut c = Command::new("grpcurl");
+        c.arg("-cacert")
+            .arg(certs.join("ca.pem"))
+            .arg("-cert")
+            .arg(certs.join(format!("{who}.pem")))
+            .arg("-key")
+            .arg(certs.join(format!("{who}.key")))
+            .args(args)
+            .arg(self.url.trim_start_matches("https://"))
+            .arg(method);
+        run(&mut c)
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

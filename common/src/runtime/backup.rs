@@ -45,13 +45,15 @@ const UPLOAD_CHANNEL: usize = 16;
 /// Files read at once by `add_files`.
 const FILES_IN_FLIGHT: usize = 2;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PipelineOptions {
     /// Bytes of chunk data in flight between reading and acknowledgement.
     pub memory_budget: usize,
     /// Parallel CPU workers for ids and sealing.
     pub workers: usize,
     pub quiet: bool,
+    /// The coordinator job this backup carries out (empty: started by the agent itself).
+    pub job_id: String,
 }
 
 impl Default for PipelineOptions {
@@ -60,6 +62,7 @@ impl Default for PipelineOptions {
             memory_budget: 24 << 20,
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
             quiet: false,
+            job_id: String::new(),
         }
     }
 }
@@ -119,7 +122,11 @@ impl BackupSink {
             .retry
             .run("BeginBackup", || {
                 let mut c = coord.raw();
-                let req = pb::BeginBackupRequest { asset: asset.to_string(), kind: kind.to_string() };
+                let req = pb::BeginBackupRequest {
+                    asset: asset.to_string(),
+                    kind: kind.to_string(),
+                    job_id: opts.job_id.clone(),
+                };
                 async move { c.begin_backup(req).await }
             })
             .await
@@ -159,12 +166,12 @@ impl BackupSink {
             params,
             seed: keyring.chunker_seed(),
             budget: Arc::new(Semaphore::new(opts.memory_budget)),
+            progress: Progress::start("backup", None, opts.quiet),
             opts,
             files: Vec::new(),
             id_tx: Some(id_tx),
             stages,
             stats,
-            progress: Progress::start("backup", None, opts.quiet),
         })
     }
 

@@ -73,6 +73,8 @@ pub enum Command {
     },
     /// List the asset's snapshots.
     List,
+    /// Run as a daemon: hold a session with the coordinator and back up when it says so.
+    Run,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,13 +207,19 @@ pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// One backup: begin, let the source stream into the sink, commit; abort on any failure so
 /// nothing partial becomes visible.
 pub async fn backup<S: Source>(ctx: &AgentContext, source: &S) -> Result<pb::SnapshotInfo, CliError> {
-    // One span for the whole backup: every call below carries its trace context.
-    let span = tracing::info_span!("backup", asset = %ctx.asset, kind = source.kind());
-    backup_inner(ctx, source).instrument(span).await
+    backup_job(ctx, source, "").await
 }
 
-async fn backup_inner<S: Source>(ctx: &AgentContext, source: &S) -> Result<pb::SnapshotInfo, CliError> {
-    let mut sink = BackupSink::begin(&ctx.coord, &ctx.keyring, &ctx.asset, source.kind(), ctx.args.pipeline()).await?;
+/// [`backup`] carrying out coordinator job `job_id` (empty: the agent's own initiative).
+pub async fn backup_job<S: Source>(ctx: &AgentContext, source: &S, job_id: &str) -> Result<pb::SnapshotInfo, CliError> {
+    // One span for the whole backup: every call below carries its trace context.
+    let span = tracing::info_span!("backup", asset = %ctx.asset, kind = source.kind(), job = job_id);
+    backup_inner(ctx, source, job_id).instrument(span).await
+}
+
+async fn backup_inner<S: Source>(ctx: &AgentContext, source: &S, job_id: &str) -> Result<pb::SnapshotInfo, CliError> {
+    let opts = PipelineOptions { job_id: job_id.to_string(), ..ctx.args.pipeline() };
+    let mut sink = BackupSink::begin(&ctx.coord, &ctx.keyring, &ctx.asset, source.kind(), opts).await?;
     match source.backup(&mut sink).await {
         Ok(meta) => Ok(sink.commit(&ctx.identity, meta).await?),
         Err(e) => {

@@ -9,6 +9,7 @@ pub mod backup;
 pub mod cli;
 pub mod client;
 pub mod command;
+pub mod daemon;
 pub mod direct;
 pub mod progress;
 pub mod restore;

@@ -5,41 +5,99 @@ use pb::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
 use super::{Result, ServiceError, Shared, blocking, snapshot_info};
-use crate::catalog::AssetRow;
+use crate::catalog::{AssetRow, AttemptRow};
 
 pub struct AdminApi {
     pub state: Shared,
 }
 
+/// Freshness of an asset: `ok` while the newest recovery point is at most one expected
+/// interval old, `late` up to two, `stale` beyond (or with none), `unscheduled` without an
+/// expected interval.
+pub fn freshness(age_s: Option<u64>, expected_s: u64) -> (&'static str, f64) {
+    if expected_s == 0 {
+        return ("unscheduled", 0.0);
+    }
+    match age_s {
+        None => ("stale", 0.0),
+        Some(age) => {
+            let ratio = age as f64 / expected_s as f64;
+            let state = if age > 2 * expected_s {
+                "stale"
+            } else if age > expected_s {
+                "late"
+            } else {
+                "ok"
+            };
+            (state, ratio)
+        }
+    }
+}
+
+pub fn attempt_info(a: &AttemptRow) -> pb::Attempt {
+    pb::Attempt {
+        job_id: a.job_id.clone(),
+        asset: a.asset.clone(),
+        agent: a.agent.clone(),
+        trigger: a.trigger.clone(),
+        started_at: coffer_common::time::rfc3339_millis(a.started_ms),
+        ended_at: a.ended_ms.map(coffer_common::time::rfc3339_millis).unwrap_or_default(),
+        outcome: a.outcome.clone(),
+        snapshot_id: a.snapshot_id.clone().unwrap_or_default(),
+        error: a.error.clone().unwrap_or_default(),
+    }
+}
+
 impl AdminApi {
-    fn status(&self, a: &AssetRow) -> pb::AssetStatus {
+    fn status(&self, a: &AssetRow, last: Option<&AttemptRow>) -> pb::AssetStatus {
         let now = coffer_common::time::unix_seconds(coffer_common::time::now());
-        let expected = self.state.config.policy_for(&a.name).expected_interval.map(|d| d.as_secs()).unwrap_or(0);
+        let policy = self.state.config.policy_for(&a.name);
+        let expected = policy.expected_interval.map(|d| d.as_secs()).unwrap_or(0);
         let (latest, at, age) = match &a.latest {
             Some((id, at)) => (
                 id.clone(),
                 coffer_common::time::rfc3339(coffer_common::time::from_unix_seconds(*at)),
-                (now - at).max(0) as u64,
+                Some((now - at).max(0) as u64),
             ),
-            None => (String::new(), String::new(), 0),
+            None => (String::new(), String::new(), None),
         };
+        let (state, ratio) = freshness(age, expected);
+        let next_due = crate::scheduler::next_due_ms(
+            &a.name,
+            &policy,
+            last.map(|l| l.started_ms),
+            a.latest.as_ref().map(|(_, at)| at * 1000),
+        );
         pb::AssetStatus {
             asset: a.name.clone(),
             kind: a.kind.clone(),
             snapshots: a.snapshots as u64,
             latest_snapshot: latest,
             latest_at: at,
-            latest_age_seconds: age,
+            latest_age_seconds: age.unwrap_or(0),
             expected_interval_seconds: expected,
-            stale: expected > 0 && (a.latest.is_none() || age > 2 * expected),
+            stale: state == "stale",
             stored_bytes: a.stored_bytes as u64,
+            age_ratio: ratio,
+            state: state.to_string(),
+            schedule: policy.schedule.to_string(),
+            last_attempt: last.map(attempt_info),
+            copies_present: if a.snapshots > 0 { vec!["local".to_string()] } else { Vec::new() },
+            copies_required: policy.copies.clone(),
+            next_due_at: match next_due {
+                Some(i64::MIN) => coffer_common::time::rfc3339_millis(crate::scheduler::system_now_ms()),
+                Some(ms) => coffer_common::time::rfc3339_millis(ms),
+                None => String::new(),
+            },
+            rebuildable: policy.rebuildable,
         }
     }
 
     async fn list_assets_inner(&self, req: Request<pb::ListAssetsRequest>) -> Result<pb::ListAssetsResponse> {
         self.state.authorize_admin(&req)?;
         let assets = self.state.catalog.assets().await?;
-        Ok(pb::ListAssetsResponse { assets: assets.iter().map(|a| self.status(a)).collect() })
+        let last = self.state.catalog.last_attempts().await?;
+        Ok(pb::ListAssetsResponse { assets: assets.iter().map(|a| self.status(a, last.get(&a.name))).collect() })
     }
 
     async fn asset_status_inner(&self, req: Request<pb::AssetStatusRequest>) -> Result<pb::AssetStatusResponse> {
@@ -50,7 +108,8 @@ impl AdminApi {
             .iter()
             .find(|a| &a.name == name)
             .ok_or_else(|| ServiceError::NotFound(format!("no asset {name:?}")))?;
-        Ok(pb::AssetStatusResponse { status: Some(self.status(a)) })
+        let last = self.state.catalog.last_attempts().await?;
+        Ok(pb::AssetStatusResponse { status: Some(self.status(a, last.get(name))) })
     }
 
     async fn list_snapshots_inner(
@@ -88,8 +147,102 @@ impl AdminApi {
     }
 }
 
+impl AdminApi {
+    async fn trigger_inner(&self, req: Request<pb::TriggerBackupRequest>) -> Result<pb::TriggerBackupResponse> {
+        let who = self.state.authorize_admin(&req)?;
+        let asset = &req.get_ref().asset;
+        if !coffer_common::manifest::is_valid_asset_name(asset) {
+            return Err(ServiceError::InvalidArgument(format!("{asset:?} is not an asset name (kind/name)")));
+        }
+        let now = crate::scheduler::system_now_ms();
+        let (job_id, agent) = crate::scheduler::trigger_backup(&self.state, asset, "manual", now).await?;
+        tracing::info!(admin = %who, %asset, job = %job_id, %agent, "backup triggered by an operator");
+        Ok(pb::TriggerBackupResponse { job_id, agent })
+    }
+
+    async fn list_agents_inner(&self, req: Request<pb::ListAgentsRequest>) -> Result<pb::ListAgentsResponse> {
+        self.state.authorize_admin(&req)?;
+        let t = coffer_common::time::rfc3339_millis;
+        Ok(pb::ListAgentsResponse {
+            agents: self
+                .state
+                .sessions
+                .view()
+                .into_iter()
+                .map(|a| pb::AgentInfo {
+                    name: a.name,
+                    version: a.version,
+                    connected: a.connected,
+                    assets: a.assets,
+                    connected_since: a.since_ms.map(t).unwrap_or_default(),
+                    last_seen: t(a.last_seen_ms),
+                    running_job: a.running.unwrap_or_default(),
+                })
+                .collect(),
+        })
+    }
+
+    async fn list_jobs_inner(&self, req: Request<pb::ListJobsRequest>) -> Result<pb::ListJobsResponse> {
+        self.state.authorize_admin(&req)?;
+        let t = coffer_common::time::rfc3339_millis;
+        Ok(pb::ListJobsResponse {
+            jobs: self
+                .state
+                .jobs
+                .view()
+                .into_iter()
+                .map(|(name, s)| pb::JobStatus {
+                    name: name.to_string(),
+                    state: s.state.to_string(),
+                    runs: s.runs,
+                    failures: s.failures,
+                    last_error: s.last_error.unwrap_or_default(),
+                    last_error_at: s.last_error_ms.map(t).unwrap_or_default(),
+                    last_run_at: s.last_run_ms.map(t).unwrap_or_default(),
+                })
+                .collect(),
+        })
+    }
+
+    async fn list_attempts_inner(&self, req: Request<pb::ListAttemptsRequest>) -> Result<pb::ListAttemptsResponse> {
+        self.state.authorize_admin(&req)?;
+        let r = req.get_ref();
+        let asset = (!r.asset.is_empty()).then_some(r.asset.as_str());
+        let rows = self.state.catalog.attempts(asset, r.limit).await?;
+        Ok(pb::ListAttemptsResponse { attempts: rows.iter().map(attempt_info).collect() })
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    async fn trigger_backup(
+        &self,
+        req: Request<pb::TriggerBackupRequest>,
+    ) -> std::result::Result<Response<pb::TriggerBackupResponse>, Status> {
+        Ok(Response::new(self.trigger_inner(req).await?))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> std::result::Result<Response<pb::ListAgentsResponse>, Status> {
+        Ok(Response::new(self.list_agents_inner(req).await?))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> std::result::Result<Response<pb::ListJobsResponse>, Status> {
+        Ok(Response::new(self.list_jobs_inner(req).await?))
+    }
+
+    async fn list_attempts(
+        &self,
+        req: Request<pb::ListAttemptsRequest>,
+    ) -> std::result::Result<Response<pb::ListAttemptsResponse>, Status> {
+        Ok(Response::new(self.list_attempts_inner(req).await?))
+    }
+
     async fn list_assets(
         &self,
         req: Request<pb::ListAssetsRequest>,

@@ -16,7 +16,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::{Result, ServiceError, Shared, blocking, peer, rpc_span, snapshot_info};
-use crate::catalog::{BackupRow, SnapshotRow};
+use crate::catalog::{AttemptRow, BackupRow, SnapshotRow};
+use crate::sessions::SESSION_QUEUE;
 use crate::store::pack::{self, PackWriter};
 
 /// Most chunk ids one FindMissingChunks or DownloadChunks call may carry.
@@ -129,8 +130,29 @@ impl AgentApi {
         let asset_id = self.state.catalog.ensure_asset(&asset, &kind).await?;
         let snapshot = coffer_common::time::new_snapshot_id(coffer_common::time::now());
         self.state.catalog.begin_backup(&snapshot, asset_id, &who.name).await?;
+        let job = &req.get_ref().job_id;
+        if job.is_empty() {
+            // The agent's own initiative ("on change" sources, an operator's CLI run).
+            let now = crate::scheduler::system_now_ms();
+            self.state
+                .catalog
+                .start_attempt(&AttemptRow {
+                    job_id: snapshot.clone(),
+                    asset: asset.clone(),
+                    agent: who.name.clone(),
+                    trigger: "agent".into(),
+                    started_ms: now,
+                    ended_ms: None,
+                    outcome: "running".into(),
+                    snapshot_id: Some(snapshot.clone()),
+                    error: None,
+                })
+                .await?;
+        } else if !self.state.catalog.attempt_snapshot(job, &snapshot).await? {
+            tracing::warn!(%asset, %snapshot, job = %job, "backup names a job that is not running; recorded without it");
+        }
         let p = self.state.config.chunker_for(&kind);
-        tracing::info!(%asset, %snapshot, agent = %who, "backup begun");
+        tracing::info!(%asset, %snapshot, agent = %who, job = %job, "backup begun");
         Ok(pb::BeginBackupResponse {
             snapshot_id: snapshot,
             chunker: Some(pb::ChunkerParams {
@@ -358,6 +380,93 @@ impl AgentService for AgentApi {
         req: Request<pb::ListSnapshotsRequest>,
     ) -> std::result::Result<Response<pb::ListSnapshotsResponse>, Status> {
         Ok(Response::new(self.list_inner(req).await?))
+    }
+
+    type SessionStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = std::result::Result<pb::SessionDown, Status>> + Send>>;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::SessionUp>>,
+    ) -> std::result::Result<Response<Self::SessionStream>, Status> {
+        let span = rpc_span("Session", &req);
+        let who = peer(&req)?;
+        if who.role != Role::Agent {
+            return Err(ServiceError::PermissionDenied(format!("{who} is not an agent identity")).into());
+        }
+        let mut inbound = req.into_inner();
+        let open = match inbound.message().await? {
+            Some(pb::SessionUp { msg: Some(pb::session_up::Msg::Open(o)) }) => o,
+            _ => return Err(Status::invalid_argument("a session starts with an `open` message")),
+        };
+        let refused: Vec<&String> = open
+            .assets
+            .iter()
+            .filter(|a| !coffer_common::manifest::is_valid_asset_name(a) || !self.state.config.agent_may(&who.name, a))
+            .collect();
+        if !refused.is_empty() {
+            return Err(ServiceError::PermissionDenied(format!(
+                "{who} is not granted (or names malformed) assets: {}",
+                refused.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+            .into());
+        }
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let accepted = pb::SessionDown {
+            msg: Some(pb::session_down::Msg::Accepted(pb::SessionAccepted {
+                heartbeat_interval_seconds: self.state.config.heartbeat_interval.as_secs().max(1) as u32,
+            })),
+        };
+        tx.send(accepted).await.map_err(|_| Status::internal("session channel closed"))?;
+        let state = self.state.clone();
+        let now = crate::scheduler::system_now_ms();
+        let (session, replaced) = state.sessions.register(&who.name, &open.agent_version, open.assets.clone(), tx, now);
+        if let Some(job) = replaced {
+            let _ = state
+                .catalog
+                .end_attempt(&job, false, Some("the agent opened a new session during the job"), now)
+                .await;
+        }
+        tracing::info!(agent = %who, version = %open.agent_version, assets = ?open.assets, "agent session opened");
+        tokio::spawn(
+            async move {
+                let agent = who.name.clone();
+                loop {
+                    let msg = match inbound.message().await {
+                        Ok(Some(m)) => m,
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::info!(%agent, "session stream ended: {e}");
+                            break;
+                        }
+                    };
+                    let now = crate::scheduler::system_now_ms();
+                    state.sessions.heartbeat(&agent, session, now);
+                    match msg.msg {
+                        Some(pb::session_up::Msg::Result(r)) => {
+                            state.sessions.finished(&agent, &r.job_id);
+                            let error = (!r.ok).then_some(r.error.as_str());
+                            match state.catalog.end_attempt(&r.job_id, r.ok, error, now).await {
+                                Ok(_) => tracing::info!(%agent, job = %r.job_id, ok = r.ok, error = %r.error, "job finished"),
+                                Err(e) => tracing::error!(%agent, job = %r.job_id, "recording the job result: {e}"),
+                            }
+                        }
+                        Some(pb::session_up::Msg::Progress(p)) => {
+                            tracing::debug!(%agent, job = %p.job_id, done = p.bytes_done, total = p.bytes_total, "progress");
+                        }
+                        Some(pb::session_up::Msg::Heartbeat(_)) | None => {}
+                        Some(pb::session_up::Msg::Open(_)) => tracing::warn!(%agent, "ignoring a second open"),
+                    }
+                }
+                let now = crate::scheduler::system_now_ms();
+                if let Some(job) = state.sessions.unregister(&agent, session, now) {
+                    let _ = state.catalog.end_attempt(&job, false, Some("the agent disconnected during the job"), now).await;
+                }
+                tracing::info!(%agent, "agent session closed");
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(futures::StreamExt::map(ReceiverStream::new(rx), Ok))))
     }
 
     type DownloadChunksStream = RespStream<pb::DownloadChunksResponse>;

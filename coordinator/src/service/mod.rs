@@ -22,6 +22,26 @@ pub struct State {
     pub catalog: Catalog,
     /// Serializes keyring creation so exactly one envelope wins per asset.
     pub keyring_lock: tokio::sync::Mutex<()>,
+    /// Connected agent daemons.
+    pub sessions: crate::sessions::Sessions,
+    /// Background jobs and their state.
+    pub jobs: std::sync::Arc<crate::jobs::Jobs>,
+    /// Serializes backup triggers (scheduler and operators) so one asset never gets two.
+    pub trigger_lock: tokio::sync::Mutex<()>,
+}
+
+impl State {
+    pub fn new(config: Config, repo: Repo, catalog: Catalog) -> State {
+        State {
+            config,
+            repo,
+            catalog,
+            keyring_lock: Default::default(),
+            sessions: Default::default(),
+            jobs: Default::default(),
+            trigger_lock: Default::default(),
+        }
+    }
 }
 
 pub type Shared = Arc<State>;
