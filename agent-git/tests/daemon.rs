@@ -47,6 +47,16 @@ fn attempts(coord: &Coordinator, certs: &Path, asset: &str) -> Vec<Value> {
     v["attempts"].as_array().cloned().unwrap_or_default()
 }
 
+/// Snapshots of `asset` (0 when the catalog does not know it yet).
+fn snapshots(coord: &Coordinator, certs: &Path, asset: &str) -> u64 {
+    let v = admin(coord, certs, "ListAssets", "{}");
+    v["assets"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["asset"] == asset))
+        .and_then(|x| x["snapshots"].as_str())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
 fn status(coord: &Coordinator, certs: &Path, asset: &str) -> Value {
     admin(coord, certs, "AssetStatus", &format!("{{\"asset\":\"{asset}\"}}"))["status"].clone()
 }
@@ -143,4 +153,38 @@ fn the_scheduler_drives_two_daemons_and_freshness_follows() {
     });
     // Meanwhile alpha keeps being backed up.
     assert_eq!(status(&coord, &certs, "git/alpha")["state"], "ok");
+}
+
+#[test]
+fn an_agent_lost_mid_backup_fails_its_attempt_and_the_next_slot_retries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
+    let config = "heartbeat-interval = \"1s\"\nscheduler-tick = \"200ms\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+                  [policy.assets.\"git/big\"]\nschedule = \"every 4s\"\n";
+    let coord = Coordinator::start(dir, &certs, config);
+    // Big enough that a backup is still running when the test freezes the agent.
+    let repo = kit::git_repo(&dir.join("big"), &[("blob.bin", &kit::random_bytes(96 << 20, 7))]);
+    let mut agent = daemon(&coord, &certs, dir, "git-1", "git/big", &repo);
+    let job = kit::wait_for("the first scheduled attempt running", Duration::from_secs(30), || {
+        attempts(&coord, &certs, "git/big").into_iter().find(|a| a["outcome"] == "running").map(|a| a["jobId"].clone())
+    });
+    // Freeze the agent at once (so the backup cannot finish), then kill it as a crash would.
+    kit::signal(agent.0.id(), "STOP");
+    let still = attempts(&coord, &certs, "git/big").into_iter().find(|a| a["jobId"] == job).unwrap();
+    assert_eq!(still["outcome"], "running", "the backup finished before the agent could be frozen: {still}");
+    kit::signal(agent.0.id(), "KILL");
+    let _ = agent.0.wait();
+    let failed = kit::wait_for("the attempt recorded as failed", Duration::from_secs(20), || {
+        attempts(&coord, &certs, "git/big").into_iter().find(|a| a["jobId"] == job && a["outcome"] == "failed")
+    });
+    assert!(failed["error"].as_str().unwrap().contains("agent disconnected"), "{failed}");
+    assert_eq!(snapshots(&coord, &certs, "git/big"), 0, "no snapshot is visible");
+
+    // A new daemon: the next slot retries and succeeds.
+    let _agent = daemon(&coord, &certs, dir, "git-1", "git/big", &repo);
+    kit::wait_for("a retry that succeeds", Duration::from_secs(60), || {
+        attempts(&coord, &certs, "git/big").into_iter().find(|a| a["outcome"] == "ok" && a["trigger"] == "schedule")
+    });
+    assert_eq!(snapshots(&coord, &certs, "git/big"), 1);
 }
