@@ -108,6 +108,23 @@ fn the_scheduler_drives_two_daemons_and_freshness_follows() {
     assert_eq!(s["expectedIntervalSeconds"], "3", "{s}");
     assert_eq!(s["schedule"], "every 3s", "{s}");
 
+    // The metrics endpoint says the same, in the form the shipped alert rule reads.
+    let (code, text) = kit::http_get(&coord.metrics_url);
+    assert_eq!(code, 200, "{text}");
+    let series = |name: &str| format!("coffer_{name}{{asset=\"git/alpha\",kind=\"git\"}}");
+    assert_eq!(kit::metric(&text, &series("asset_expected_interval_seconds")), Some(3.0), "{text}");
+    let newest = kit::metric(&text, &series("asset_newest_recovery_point_timestamp_seconds")).expect("newest point");
+    let scraped = kit::metric(&text, "coffer_scrape_timestamp_seconds").expect("scrape time");
+    assert!(scraped - newest < 2.0 * 3.0 + 2.0, "fresh: {scraped} - {newest}");
+    assert!(kit::metric(&text, &series("asset_snapshots")).unwrap() >= 3.0);
+    assert_eq!(kit::metric(&text, &series("asset_last_attempt_success")), Some(1.0));
+    assert_eq!(kit::metric(&text, "coffer_agents_connected"), Some(2.0));
+    assert!(
+        text.contains("coffer_grpc_requests_total{method=\"/coffer.v1.AgentService/CommitBackup\",code=\"OK\"}"),
+        "{text}"
+    );
+    assert!(text.contains("coffer_job_up{job=\"scheduler\"} 1"), "{text}");
+
     // An operator triggers a backup now.
     let t = admin(&coord, &certs, "TriggerBackup", "{\"asset\":\"git/alpha\"}");
     let job = t["jobId"].as_str().expect("a job id").to_string();
@@ -153,6 +170,15 @@ fn the_scheduler_drives_two_daemons_and_freshness_follows() {
     });
     // Meanwhile alpha keeps being backed up.
     assert_eq!(status(&coord, &certs, "git/alpha")["state"], "ok");
+    // And the metrics show beta's age past twice its interval, alpha's within it.
+    let (_, text) = kit::http_get(&coord.metrics_url);
+    let age = |asset: &str| {
+        let s = |name: &str| format!("coffer_{name}{{asset=\"{asset}\",kind=\"git\"}}");
+        kit::metric(&text, "coffer_scrape_timestamp_seconds").unwrap()
+            - kit::metric(&text, &s("asset_newest_recovery_point_timestamp_seconds")).unwrap()
+    };
+    assert!(age("git/beta") > 2.0 * 3.0, "beta age {}", age("git/beta"));
+    assert!(age("git/alpha") <= 2.0 * 3.0 + 2.0, "alpha age {}", age("git/alpha"));
 }
 
 #[test]

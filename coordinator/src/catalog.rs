@@ -562,6 +562,19 @@ impl Catalog {
         Ok(sqlx::query(&sql).fetch_all(&self.pool).await?.iter().map(|r| (r.get(1), attempt_row(r))).collect())
     }
 
+    /// Sum of the sizes of every committed snapshot, per asset: what the repository would
+    /// hold without deduplication or compression.
+    pub async fn logical_bytes(&self) -> Result<HashMap<String, i64>> {
+        Ok(sqlx::query(
+            "SELECT a.name, COALESCE(SUM(s.size), 0) FROM assets a LEFT JOIN snapshots s ON s.asset_id = a.id GROUP BY a.name",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+    }
+
     pub async fn assets(&self) -> Result<Vec<AssetRow>> {
         let rows = sqlx::query(
             "SELECT a.id, a.name, a.kind,

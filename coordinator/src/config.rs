@@ -18,6 +18,9 @@ use serde::Deserialize;
 pub struct Config {
     pub data_dir: Option<PathBuf>,
     pub listen: Option<String>,
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP), or `off`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: String,
     pub log_format: Option<LogFormat>,
     /// Server certificate, key and the CA that client certificates must chain to.
     /// Default: `DATA_DIR/certs/{coordinator.pem,coordinator.key,ca.pem}`, generated with a
@@ -89,6 +92,9 @@ fn default_min_free() -> u64 {
 fn default_grace() -> Duration {
     Duration::from_secs(30)
 }
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9464".into()
+}
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)
 }
@@ -154,6 +160,12 @@ impl Config {
             }
         }
         problems.extend(self.policy.validate());
+        if self.metrics_listen != "off" && self.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+            problems.push(format!(
+                "metrics-listen: {:?} is not an address like 127.0.0.1:9464 (or \"off\")",
+                self.metrics_listen
+            ));
+        }
         if self.heartbeat_interval < Duration::from_secs(1) || self.heartbeat_interval > Duration::from_secs(3600) {
             problems.push("heartbeat-interval: must be between 1s and 1h".to_string());
         }

@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod certs;
 pub mod config;
 pub mod jobs;
+pub mod metrics;
 pub mod policy;
 pub mod retention;
 pub mod scheduler;

@@ -166,6 +166,17 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
 
+    let metrics = match state.config.metrics_listen.as_str() {
+        "off" => None,
+        a => {
+            let l = crate::metrics::bind(a).await.map_err(|source| ServeError::Bind { addr: a.to_string(), source })?;
+            let addr = crate::metrics::local_addr(&l);
+            if let Some(addr) = addr {
+                println!("metrics on http://{addr}/metrics");
+            }
+            Some(tokio::spawn(crate::metrics::serve(l, state.clone(), shutdown.clone())))
+        }
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind { addr: listen.to_string(), source })?;
@@ -173,6 +184,7 @@ pub async fn serve(
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
 
     let router = Server::builder()
+        .layer(crate::metrics::GrpcMetricsLayer(state.clone()))
         .tls_config(tls_config)?
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20))
@@ -198,6 +210,9 @@ pub async fn serve(
         Err(_) => tracing::warn!("grace period over; dropping remaining calls"),
     }
     let _ = scheduler.await;
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
     catalog.close().await;
     tracing::info!("coordinator stopped");
     Ok(())

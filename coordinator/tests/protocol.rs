@@ -31,7 +31,7 @@ async fn start() -> Server {
     let certs = dir.path().join("certs");
     coffer_coordinator::certs::init(&certs, &["git-1".into(), "intruder".into()], &["ops".into()]).unwrap();
     let config: coffer_coordinator::config::Config = toml::from_str(&format!(
-        "tls-cert = {:?}\ntls-key = {:?}\ntls-ca = {:?}\n[agents.git-1]\nassets = [\"git/*\"]\n[agents.intruder]\nassets = [\"git/*\"]\n",
+        "metrics-listen = \"127.0.0.1:0\"\ntls-cert = {:?}\ntls-key = {:?}\ntls-ca = {:?}\n[agents.git-1]\nassets = [\"git/*\"]\n[agents.intruder]\nassets = [\"git/*\"]\n",
         certs.join("coordinator.pem"),
         certs.join("coordinator.key"),
         certs.join("ca.pem")

@@ -70,6 +70,8 @@ pub struct Coordinator {
     pub child: Option<Child>,
     pub url: String,
     pub port: u16,
+    /// `http://127.0.0.1:PORT/metrics`.
+    pub metrics_url: String,
     pub config: PathBuf,
     pub data_dir: PathBuf,
     pub log: PathBuf,
@@ -89,7 +91,7 @@ impl Coordinator {
         std::fs::write(
             &config,
             format!(
-                "data-dir = {:?}\nlisten = \"127.0.0.1:0\"\ntls-cert = {:?}\ntls-key = {:?}\ntls-ca = {:?}\nshutdown-grace = \"5s\"\n{extra}\n",
+                "data-dir = {:?}\nlisten = \"127.0.0.1:0\"\nmetrics-listen = \"127.0.0.1:0\"\ntls-cert = {:?}\ntls-key = {:?}\ntls-ca = {:?}\nshutdown-grace = \"5s\"\n{extra}\n",
                 data_dir,
                 certs.join("coordinator.pem"),
                 certs.join("coordinator.key"),
@@ -101,6 +103,7 @@ impl Coordinator {
             child: None,
             url: String::new(),
             port: 0,
+            metrics_url: String::new(),
             config,
             data_dir,
             log: dir.join("coordinator.log"),
@@ -139,14 +142,22 @@ impl Coordinator {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 use std::io::Write;
                 let _ = writeln!(log, "{line}");
+                if let Some(url) = line.strip_prefix("metrics on ") {
+                    let _ = tx.send(("metrics", url.trim().to_string()));
+                }
                 if let Some(url) = line.strip_prefix("coordinator listening on ") {
-                    let _ = tx.send(url.split(' ').next().unwrap_or_default().to_string());
+                    let _ = tx.send(("grpc", url.split(' ').next().unwrap_or_default().to_string()));
                 }
             }
         });
-        let url = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(u) => u,
-            Err(_) => panic!("coordinator did not start:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default()),
+        let url = loop {
+            match rx.recv_timeout(Duration::from_secs(60)) {
+                Ok(("grpc", u)) => break u,
+                Ok((_, m)) => self.metrics_url = m,
+                Err(_) => {
+                    panic!("coordinator did not start:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default())
+                }
+            }
         };
         self.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in the listening line");
         self.url = url;
@@ -228,6 +239,44 @@ impl Drop for Coordinator {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// A plain HTTP/1.1 GET of `url` (`http://HOST:PORT/PATH`): (status code, body).
+pub fn http_get(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("an http:// URL");
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = std::net::TcpStream::connect(host).unwrap_or_else(|e| panic!("connecting to {host}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("response");
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body =
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (code, body)
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The value of the sample `name{labels}` (labels exactly as rendered) in a metrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.split(' ').next()?.parse().ok())
+    })
 }
 
 /// Sends a signal (`TERM`, `KILL`, `STOP`, ...) with the stock `kill` command.

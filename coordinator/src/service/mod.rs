@@ -28,6 +28,8 @@ pub struct State {
     pub jobs: std::sync::Arc<crate::jobs::Jobs>,
     /// Serializes backup triggers (scheduler and operators) so one asset never gets two.
     pub trigger_lock: tokio::sync::Mutex<()>,
+    /// Metrics recorded as calls happen.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl State {
@@ -40,6 +42,7 @@ impl State {
             sessions: Default::default(),
             jobs: Default::default(),
             trigger_lock: Default::default(),
+            metrics: Default::default(),
         }
     }
 }
