@@ -366,6 +366,105 @@ impl Catalog {
         Ok(())
     }
 
+    /// Forgets a snapshot (its manifest is removed from the repository right after).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Packs of an asset created at or before `created_before` (unix seconds) with, for
+    /// each, the chunks the catalog locates in it (the copies restores and deduplication
+    /// use): (pack id, size, [(chunk id, length)]).
+    pub async fn asset_packs(
+        &self,
+        asset_id: i64,
+        created_before: i64,
+    ) -> Result<Vec<(String, i64, Vec<(ChunkId, i64)>)>> {
+        let packs = sqlx::query("SELECT id, size FROM packs WHERE asset_id = ? AND created_at <= ? ORDER BY id")
+            .bind(asset_id)
+            .bind(created_before)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = Vec::with_capacity(packs.len());
+        for p in packs {
+            let id: String = p.get(0);
+            let chunks = sqlx::query("SELECT id, length FROM chunks WHERE pack_id = ?")
+                .bind(&id)
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .filter_map(|r| {
+                    let raw: Vec<u8> = r.get(0);
+                    ChunkId::from_slice(&raw).map(|c| (c, r.get::<i64, _>(1)))
+                })
+                .collect();
+            out.push((id, p.get(1), chunks));
+        }
+        Ok(out)
+    }
+
+    /// Forgets a pack and every chunk location in it (the file is removed right after).
+    pub async fn delete_pack(&self, id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM chunks WHERE pack_id = ?").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM packs WHERE id = ?").bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Points the chunks of a repacked pack at their new copies in `pack` and forgets the
+    /// old pack, in one transaction.
+    pub async fn replace_pack(&self, old: &str, pack: &SealedPack, asset_id: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO packs (id, asset_id, size, chunks, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
+            .bind(&pack.id)
+            .bind(asset_id)
+            .bind(pack.size as i64)
+            .bind(pack.entries.len() as i64)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        for e in &pack.entries {
+            sqlx::query(
+                "INSERT INTO chunks (asset_id, id, pack_id, off, length, crc) VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (asset_id, id) DO UPDATE SET pack_id = excluded.pack_id, off = excluded.off,
+                 length = excluded.length, crc = excluded.crc",
+            )
+            .bind(asset_id)
+            .bind(e.id.0.as_slice())
+            .bind(&pack.id)
+            .bind(e.offset as i64)
+            .bind(e.length as i64)
+            .bind(e.crc as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM chunks WHERE pack_id = ?").bind(old).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM packs WHERE id = ?").bind(old).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Whether any backup of the asset is open.
+    pub async fn has_open_backup(&self, asset_id: i64) -> Result<bool> {
+        Ok(sqlx::query("SELECT 1 FROM backups WHERE asset_id = ? AND state = 'open' LIMIT 1")
+            .bind(asset_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    /// Open backups of an asset: (snapshot id, started_at).
+    pub async fn open_backups(&self, asset_id: i64) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query("SELECT snapshot_id, started_at FROM backups WHERE asset_id = ? AND state = 'open'")
+            .bind(asset_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
+    }
+
     pub async fn pack_ids(&self) -> Result<Vec<String>> {
         Ok(sqlx::query("SELECT id FROM packs ORDER BY id")
             .fetch_all(&self.pool)

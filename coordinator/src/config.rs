@@ -46,6 +46,17 @@ pub struct Config {
     /// How often the scheduler looks for due backups.
     #[serde(default = "default_tick", with = "serde_duration")]
     pub scheduler_tick: Duration,
+    /// How often retention is applied in the background (`0s`: never; `coordinator prune`
+    /// and the admin service still work).
+    #[serde(default = "default_retention_interval", with = "serde_duration")]
+    pub retention_interval: Duration,
+    /// A pack whose dead bytes exceed this fraction of its size is rewritten by prune.
+    #[serde(default = "default_repack_waste")]
+    pub repack_waste: f64,
+    /// Prune leaves packs younger than this alone: they may hold chunks of an interrupted
+    /// backup that its retry will deduplicate against.
+    #[serde(default = "default_gc_grace", with = "serde_duration")]
+    pub gc_grace: Duration,
     /// Agents by name (the NAME of spiffe://coffer/agent/NAME).
     #[serde(default)]
     pub agents: BTreeMap<String, AgentGrant>,
@@ -94,6 +105,15 @@ fn default_grace() -> Duration {
 }
 fn default_metrics_listen() -> String {
     "127.0.0.1:9464".into()
+}
+fn default_retention_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_gc_grace() -> Duration {
+    Duration::from_secs(86_400)
+}
+fn default_repack_waste() -> f64 {
+    0.3
 }
 fn default_heartbeat() -> Duration {
     Duration::from_secs(10)
@@ -171,6 +191,9 @@ impl Config {
         }
         if self.scheduler_tick < Duration::from_millis(100) || self.scheduler_tick > Duration::from_secs(60) {
             problems.push("scheduler-tick: must be between 100ms and 1m".to_string());
+        }
+        if !(0.0..1.0).contains(&self.repack_waste) {
+            problems.push(format!("repack-waste: {} is outside 0 (inclusive) to 1", self.repack_waste));
         }
         if self.pack_size < (4 << 20) || self.pack_size > (1 << 30) {
             problems.push(format!("pack-size: {} is outside 4MiB..=1GiB", self.pack_size));

@@ -8,6 +8,7 @@ pub mod config;
 pub mod jobs;
 pub mod metrics;
 pub mod policy;
+pub mod prune;
 pub mod retention;
 pub mod scheduler;
 pub mod server;

@@ -43,6 +43,18 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Apply retention offline (the coordinator must be stopped; while it runs, use
+    /// AdminService/RetentionPlan and ApplyRetention). Dry run unless --apply.
+    Prune {
+        #[command(flatten)]
+        common: Common,
+        /// Delete what the plan deletes and free unused packs.
+        #[arg(long)]
+        apply: bool,
+        /// Only this asset.
+        #[arg(long)]
+        asset: Option<String>,
+    },
     /// The retention matrix as this coordinator applies it.
     Policy {
         #[command(subcommand)]
@@ -107,6 +119,30 @@ fn main() -> anyhow::Result<()> {
                 println!("{}", f.display());
             }
             Ok(())
+        }
+        Cmd::Prune { common, apply, asset } => {
+            let (config, data_dir) = load(&common)?;
+            let _t = telemetry::init("coffer-coordinator", config.log_format.unwrap_or_default());
+            let _lock = coffer_coordinator::server::lock_data_dir(&data_dir)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async {
+                let repo = coffer_coordinator::store::Repo::open_existing(&data_dir.join("repo"))
+                    .with_context(|| format!("opening the repository in {}", data_dir.display()))?;
+                let catalog = coffer_coordinator::catalog::Catalog::open(&data_dir.join("catalog.db")).await?;
+                coffer_coordinator::server::reconcile(&repo, &catalog).await?;
+                let collecting = Default::default();
+                let ctx = coffer_coordinator::prune::PruneCtx {
+                    config: &config,
+                    repo: &repo,
+                    catalog: &catalog,
+                    collecting: &collecting,
+                };
+                let now = coffer_common::time::unix_seconds(coffer_common::time::now());
+                let report = coffer_coordinator::prune::prune(&ctx, asset.as_deref(), now, apply).await;
+                catalog.close().await;
+                print!("{}", coffer_coordinator::prune::render(&report?, apply));
+                anyhow::Ok(())
+            })
         }
         Cmd::Policy { cmd: PolicyCmd::Show { common } } => {
             let (config, data_dir) = load(&common)?;

@@ -31,6 +31,11 @@ pub enum ServeError {
     Bind { addr: String, source: std::io::Error },
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(
+        "data directory {0} is in use by another coordinator process (serve or prune); \
+         use the running coordinator's admin service, or stop it first"
+    )]
+    Locked(String),
 }
 
 pub struct TlsFiles {
@@ -120,6 +125,25 @@ async fn recover_snapshot(repo: &Repo, catalog: &Catalog, asset: &str, snapshot:
     Ok(())
 }
 
+/// An exclusive lock on the data directory, held while it is in use (`serve`, offline
+/// `prune`), so two processes never change one repository at once.
+pub struct DataDirLock(#[allow(dead_code)] std::fs::File);
+
+pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, ServeError> {
+    let path = data_dir.join("coordinator.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| ServeError::Io { path: path.display().to_string(), source })?;
+    match rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(DataDirLock(f)),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ServeError::Locked(data_dir.display().to_string())),
+        Err(e) => Err(ServeError::Io { path: path.display().to_string(), source: e.into() }),
+    }
+}
+
 /// Runs the coordinator until `shutdown` is cancelled; `ready` receives the bound address.
 pub async fn serve(
     config: Config,
@@ -130,6 +154,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     std::fs::create_dir_all(&data_dir)
         .map_err(|source| ServeError::Io { path: data_dir.display().to_string(), source })?;
+    let _lock = lock_data_dir(&data_dir)?;
     let tls = tls_files(&config, &data_dir)?;
     let read = |p: &Path| std::fs::read(p).map_err(|source| ServeError::Io { path: p.display().to_string(), source });
     let tls_config = ServerTlsConfig::new()
@@ -166,6 +191,22 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
 
+    let retention = (!state.config.retention_interval.is_zero()).then(|| {
+        let state = state.clone();
+        let every = state.config.retention_interval;
+        let jobs = state.jobs.clone();
+        jobs.spawn("retention", every, crate::scheduler::system_now_ms, shutdown.clone(), move || {
+            let state = state.clone();
+            async move {
+                let report = state.prune(None, true).await.map_err(|e| e.to_string())?;
+                let deleted: usize = report.iter().map(|a| a.plan.deleted().count()).sum();
+                if deleted > 0 {
+                    tracing::info!(snapshots = deleted, "retention applied");
+                }
+                Ok(())
+            }
+        })
+    });
     let metrics = match state.config.metrics_listen.as_str() {
         "off" => None,
         a => {
@@ -210,6 +251,9 @@ pub async fn serve(
         Err(_) => tracing::warn!("grace period over; dropping remaining calls"),
     }
     let _ = scheduler.await;
+    if let Some(r) = retention {
+        let _ = r.await;
+    }
     if let Some(m) = metrics {
         let _ = m.await;
     }

@@ -213,8 +213,67 @@ impl AdminApi {
     }
 }
 
+pub fn retention_response(report: &[crate::prune::AssetPrune], applied: bool) -> pb::RetentionResponse {
+    let t = |s: i64| coffer_common::time::rfc3339(coffer_common::time::from_unix_seconds(s));
+    pb::RetentionResponse {
+        assets: report
+            .iter()
+            .map(|a| pb::AssetRetention {
+                asset: a.asset.clone(),
+                retention: a.retention.clone(),
+                decisions: a
+                    .plan
+                    .decisions
+                    .iter()
+                    .map(|d| pb::RetentionDecision {
+                        snapshot_id: d.id.clone(),
+                        time: t(d.time),
+                        keep: d.keep(),
+                        reasons: d.reasons.clone(),
+                    })
+                    .collect(),
+                packs_deleted: a.gc.delete.len() as u64,
+                packs_repacked: a.gc.repack.len() as u64,
+                bytes_freed: a.gc.freed_bytes().max(0) as u64,
+                deferred: a.gc.deferred.clone().unwrap_or_default(),
+            })
+            .collect(),
+        report: crate::prune::render(report, applied),
+        applied,
+    }
+}
+
+impl AdminApi {
+    async fn retention_inner(&self, req: Request<pb::RetentionRequest>, apply: bool) -> Result<pb::RetentionResponse> {
+        let who = self.state.authorize_admin(&req)?;
+        let asset = (!req.get_ref().asset.is_empty()).then(|| req.get_ref().asset.clone());
+        if apply {
+            tracing::info!(admin = %who, asset = asset.as_deref().unwrap_or("*"), "retention applied by an operator");
+        }
+        let report = self.state.prune(asset.as_deref(), apply).await.map_err(|e| match e {
+            crate::prune::PruneError::NoAsset(a) => ServiceError::NotFound(format!("no asset {a:?}")),
+            other => ServiceError::Internal(other.to_string()),
+        })?;
+        Ok(retention_response(&report, apply))
+    }
+}
+
 #[tonic::async_trait]
 impl AdminService for AdminApi {
+    async fn retention_plan(
+        &self,
+        req: Request<pb::RetentionRequest>,
+    ) -> std::result::Result<Response<pb::RetentionResponse>, Status> {
+        Ok(Response::new(self.retention_inner(req, false).await?))
+    }
+
+    async fn apply_retention(
+        &self,
+        req: Request<pb::RetentionRequest>,
+    ) -> std::result::Result<Response<pb::RetentionResponse>, Status> {
+        Ok(Response::new(self.retention_inner(req, true).await?))
+    }
+
     async fn trigger_backup(
         &self,
         req: Request<pb::TriggerBackupRequest>,

@@ -129,7 +129,16 @@ impl AgentApi {
         }
         let asset_id = self.state.catalog.ensure_asset(&asset, &kind).await?;
         let snapshot = coffer_common::time::new_snapshot_id(coffer_common::time::now());
-        self.state.catalog.begin_backup(&snapshot, asset_id, &who.name).await?;
+        {
+            // Prune collects an asset's packs only while none of its backups is open.
+            let collecting = self.state.collecting.lock().await;
+            if collecting.contains(&asset) {
+                return Err(ServiceError::Unavailable(format!(
+                    "retention is collecting unused packs of {asset}; retry shortly"
+                )));
+            }
+            self.state.catalog.begin_backup(&snapshot, asset_id, &who.name).await?;
+        }
         let job = &req.get_ref().job_id;
         if job.is_empty() {
             // The agent's own initiative ("on change" sources, an operator's CLI run).

@@ -30,6 +30,10 @@ pub struct State {
     pub trigger_lock: tokio::sync::Mutex<()>,
     /// Metrics recorded as calls happen.
     pub metrics: crate::metrics::Metrics,
+    /// Assets whose packs prune is collecting; their new backups wait.
+    pub collecting: tokio::sync::Mutex<std::collections::HashSet<String>>,
+    /// One prune at a time (background job and operators).
+    pub prune_lock: tokio::sync::Mutex<()>,
 }
 
 impl State {
@@ -43,7 +47,26 @@ impl State {
             jobs: Default::default(),
             trigger_lock: Default::default(),
             metrics: Default::default(),
+            collecting: Default::default(),
+            prune_lock: Default::default(),
         }
+    }
+
+    /// Plans or applies retention (one prune at a time).
+    pub async fn prune(
+        &self,
+        asset: Option<&str>,
+        apply: bool,
+    ) -> std::result::Result<Vec<crate::prune::AssetPrune>, crate::prune::PruneError> {
+        let _one = self.prune_lock.lock().await;
+        let ctx = crate::prune::PruneCtx {
+            config: &self.config,
+            repo: &self.repo,
+            catalog: &self.catalog,
+            collecting: &self.collecting,
+        };
+        let now = coffer_common::time::unix_seconds(coffer_common::time::now());
+        crate::prune::prune(&ctx, asset, now, apply).await
     }
 }
 
@@ -66,6 +89,8 @@ pub enum ServiceError {
     ResourceExhausted(String),
     #[error("{0}")]
     DataLoss(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -87,6 +112,7 @@ impl From<ServiceError> for Status {
                 Status::resource_exhausted(msg)
             }
             ServiceError::DataLoss(_) | ServiceError::Store(StoreError::Corrupt { .. }) => Status::data_loss(msg),
+            ServiceError::Unavailable(_) => Status::unavailable(msg),
             ServiceError::Store(_) | ServiceError::Catalog(_) | ServiceError::Internal(_) => {
                 tracing::error!("internal error: {msg}");
                 Status::internal(msg)

@@ -205,6 +205,22 @@ impl Repo {
         write_atomic(&self.tmp_dir(), &self.manifest_path(asset, snapshot), manifest)
     }
 
+    /// Removes a snapshot: the manifest first (from then on the snapshot does not exist),
+    /// then its signature. Removing what is already gone is not an error.
+    pub fn delete_manifest(&self, asset: &str, snapshot: &str) -> Result<(), StoreError> {
+        let m = self.manifest_path(asset, snapshot);
+        remove_if_exists(&m)?;
+        remove_if_exists(&self.signature_path(asset, snapshot))?;
+        sync_dir(m.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Removes a pack file (already gone is fine).
+    pub fn delete_pack(&self, id: &str) -> Result<(), StoreError> {
+        let p = self.pack_path(id);
+        remove_if_exists(&p)?;
+        sync_dir(p.parent().unwrap_or(Path::new(".")))
+    }
+
     pub fn read_manifest(&self, asset: &str, snapshot: &str) -> Result<(Vec<u8>, String), StoreError> {
         let m = self.manifest_path(asset, snapshot);
         let s = self.signature_path(asset, snapshot);
@@ -279,6 +295,14 @@ pub fn write_atomic(tmp_dir: &Path, dest: &Path, contents: &[u8]) -> Result<(), 
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+fn remove_if_exists(p: &Path) -> Result<(), StoreError> {
+    match fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(format!("removing {}", p.display()))(e)),
+    }
 }
 
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
