@@ -136,6 +136,19 @@ fn the_scheduler_drives_two_daemons_and_freshness_follows() {
             .find(|a| a["jobId"] == job.as_str() && a["outcome"] == "ok")
             .map(|a| assert_eq!(a["trigger"], "manual"))
     });
+    // An agent may back up on its own; the coordinator accepts it and records the attempt.
+    kit::ok(
+        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/alpha")
+            .arg("--work-dir")
+            .arg(dir.join("work-own"))
+            .arg("--repo")
+            .arg(&alpha)
+            .arg("backup"),
+    );
+    let own =
+        attempts(&coord, &certs, "git/alpha").into_iter().find(|a| a["trigger"] == "agent").expect("an agent attempt");
+    assert_eq!(own["outcome"], "ok", "{own}");
+    assert_eq!(own["snapshotId"], own["jobId"], "{own}");
     // An asset nobody serves cannot be triggered.
     let o = coord.grpcurl(
         &certs,
@@ -205,7 +218,9 @@ fn an_agent_lost_mid_backup_fails_its_attempt_and_the_next_slot_retries() {
     let failed = kit::wait_for("the attempt recorded as failed", Duration::from_secs(20), || {
         attempts(&coord, &certs, "git/big").into_iter().find(|a| a["jobId"] == job && a["outcome"] == "failed")
     });
-    assert!(failed["error"].as_str().unwrap().contains("agent disconnected"), "{failed}");
+    // Whichever the coordinator notices first: the session or the upload stream ending.
+    let why = failed["error"].as_str().unwrap();
+    assert!(why.contains("agent disconnected") || why.contains("upload stream broke"), "{failed}");
     assert_eq!(snapshots(&coord, &certs, "git/big"), 0, "no snapshot is visible");
 
     // A new daemon: the next slot retries and succeeds.
@@ -213,5 +228,5 @@ fn an_agent_lost_mid_backup_fails_its_attempt_and_the_next_slot_retries() {
     kit::wait_for("a retry that succeeds", Duration::from_secs(60), || {
         attempts(&coord, &certs, "git/big").into_iter().find(|a| a["outcome"] == "ok" && a["trigger"] == "schedule")
     });
-    assert_eq!(snapshots(&coord, &certs, "git/big"), 1);
+    assert!(snapshots(&coord, &certs, "git/big") >= 1);
 }

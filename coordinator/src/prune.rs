@@ -208,6 +208,8 @@ async fn collect_inner(
         .map_err(|e| PruneError::Join(e.to_string()))??;
     let now = coffer_common::time::unix_seconds(coffer_common::time::now());
     let settled = now - ctx.config.gc_grace.as_secs() as i64;
+    // Dead packs first (they free space at once), then rewrites.
+    let mut rewrite = Vec::new();
     for (pack_id, size, chunks) in ctx.catalog.asset_packs(asset_id, settled).await? {
         let live_bytes: i64 = chunks.iter().filter(|(id, _)| live.contains(id)).map(|(_, l)| l).sum();
         if live_bytes == 0 {
@@ -221,20 +223,24 @@ async fn collect_inner(
             }
         } else if (size - live_bytes) as f64 > ctx.config.repack_waste * size as f64 {
             gc.repack.push((pack_id.clone(), size, live_bytes));
-            if apply {
-                let keep: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).filter(|id| live.contains(id)).collect();
-                let repo = ctx.repo.clone();
-                let (old, a) = (pack_id.clone(), asset.to_string());
-                let sealed = tokio::task::spawn_blocking(move || repack(&repo, &a, &old, &keep))
-                    .await
-                    .map_err(|e| PruneError::Join(e.to_string()))??;
-                ctx.catalog.replace_pack(&pack_id, &sealed, asset_id).await?;
-                counters.repack += 1;
-                crash_point("repack", counters.repack);
-                ctx.repo.delete_pack(&pack_id)?;
-                tracing::info!(%asset, old = %pack_id, new = %sealed.id, size, live_bytes, "pack repacked");
-            }
+            let keep: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).filter(|id| live.contains(id)).collect();
+            rewrite.push((pack_id, size, live_bytes, keep));
         }
+    }
+    if !apply {
+        return Ok(());
+    }
+    for (pack_id, size, live_bytes, keep) in rewrite {
+        let repo = ctx.repo.clone();
+        let (old, a) = (pack_id.clone(), asset.to_string());
+        let sealed = tokio::task::spawn_blocking(move || repack(&repo, &a, &old, &keep))
+            .await
+            .map_err(|e| PruneError::Join(e.to_string()))??;
+        ctx.catalog.replace_pack(&pack_id, &sealed, asset_id).await?;
+        counters.repack += 1;
+        crash_point("repack", counters.repack);
+        ctx.repo.delete_pack(&pack_id)?;
+        tracing::info!(%asset, old = %pack_id, new = %sealed.id, size, live_bytes, "pack repacked");
     }
     Ok(())
 }
