@@ -13,12 +13,14 @@ use serde_json::Value;
 const CONFIG: &str = r#"
 heartbeat-interval = "1s"
 scheduler-tick = "200ms"
+gc-grace = "0s"
 [agents.git-1]
 assets = ["git/*"]
 [agents.git-2]
 assets = ["git/*"]
 [policy.assets."git/alpha"]
 schedule = "every 3s"
+retention = { last = 3 }
 [policy.assets."git/beta"]
 schedule = "every 3s"
 "#;
@@ -69,7 +71,7 @@ fn the_scheduler_drives_two_daemons_and_freshness_follows() {
     let coord = Coordinator::start(dir, &certs, CONFIG);
     let alpha: PathBuf = kit::git_repo(&dir.join("alpha"), &[("a.txt", b"alpha")]);
     let beta: PathBuf = kit::git_repo(&dir.join("beta"), &[("b.txt", b"beta")]);
-    let _a = daemon(&coord, &certs, dir, "git-1", "git/alpha", &alpha);
+    let mut a = daemon(&coord, &certs, dir, "git-1", "git/alpha", &alpha);
     let mut b = daemon(&coord, &certs, dir, "git-2", "git/beta", &beta);
 
     // Both daemons connect; each asset gets its first backup at once and then one about
@@ -193,6 +195,48 @@ fn the_scheduler_drives_two_daemons_and_freshness_follows() {
     };
     assert!(age("git/beta") > 2.0 * 3.0, "beta age {}", age("git/beta"));
     assert!(age("git/alpha") <= 2.0 * 3.0 + 2.0, "alpha age {}", age("git/alpha"));
+
+    // Retention (last 3 for alpha): with its daemon stopped, apply keeps exactly the planned
+    // set, and every kept snapshot restores to the exact refs.
+    kit::signal(a.0.id(), "TERM");
+    let _ = a.0.wait();
+    let kept = |v: &Value| -> Vec<String> {
+        let mut k: Vec<String> = v["assets"][0]["decisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["keep"] == true)
+            .map(|d| d["snapshotId"].as_str().unwrap().to_string())
+            .collect();
+        k.sort();
+        k
+    };
+    let plan = admin(&coord, &certs, "RetentionPlan", "{\"asset\":\"git/alpha\"}");
+    let planned = kept(&plan);
+    assert_eq!(planned.len(), 3, "{plan}");
+    let before =
+        admin(&coord, &certs, "ListSnapshots", "{\"asset\":\"git/alpha\"}")["snapshots"].as_array().unwrap().len();
+    assert!(before > 3, "{before} snapshots");
+    let applied = admin(&coord, &certs, "ApplyRetention", "{\"asset\":\"git/alpha\"}");
+    assert_eq!(kept(&applied), planned, "{applied}");
+    let mut remaining: Vec<String> = admin(&coord, &certs, "ListSnapshots", "{\"asset\":\"git/alpha\"}")["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    remaining.sort();
+    assert_eq!(remaining, planned);
+    for id in &planned {
+        let out = dir.join(format!("restore-{id}"));
+        kit::ok(
+            kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/alpha")
+                .args(["restore", "--snapshot", id])
+                .arg("--to")
+                .arg(&out),
+        );
+        assert_eq!(kit::refs(&out), kit::refs(&alpha), "snapshot {id}");
+    }
 }
 
 #[test]
