@@ -20,7 +20,9 @@ trap cleanup EXIT
 echo "== starting the coordinator (embedded defaults)"
 port=7443
 if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then port=0; fi
-"$bin/coordinator" serve --listen "127.0.0.1:$port" > coordinator.out 2> coordinator.log &
+metrics=9464
+if (exec 3<>/dev/tcp/127.0.0.1/$metrics) 2>/dev/null; then metrics=0; fi
+"$bin/coordinator" serve --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$metrics" > coordinator.out 2> coordinator.log &
 coord_pid=$!
 for _ in $(seq 1 300); do
   grep -q "coordinator listening on" coordinator.out 2>/dev/null && break
@@ -76,4 +78,8 @@ Next: start it again with
 and ask it about its assets with grpcurl and the admin certificate:
   grpcurl -cacert $qs/coffer-data/certs/ca.pem -cert $qs/coffer-data/certs/admin-admin.pem \\
     -key $qs/coffer-data/certs/admin-admin.key 127.0.0.1:7443 coffer.v1.AdminService/ListAssets
+its Prometheus metrics (freshness, expected intervals, attempts):
+  curl -s http://127.0.0.1:9464/metrics
+and its retention matrix:
+  $bin/coordinator policy show
 MSG

@@ -37,6 +37,9 @@ enum Cmd {
         /// Address to listen on (port 0 picks a free port).
         #[arg(long, env = "COFFER_LISTEN")]
         listen: Option<SocketAddr>,
+        /// Address of the Prometheus /metrics endpoint, or `off`.
+        #[arg(long, env = "COFFER_METRICS_LISTEN")]
+        metrics_listen: Option<String>,
     },
     /// Check every stored chunk's checksum (reads the repository; needs no keys).
     Verify {
@@ -190,10 +193,14 @@ fn main() -> anyhow::Result<()> {
             }
             if report.ok() { Ok(()) } else { std::process::exit(2) }
         }
-        Cmd::Serve { common, listen } => {
+        Cmd::Serve { common, listen, metrics_listen } => {
             let (mut config, data_dir) = load(&common)?;
             if let Some(l) = listen {
                 config.listen = Some(l.to_string());
+            }
+            if let Some(m) = metrics_listen {
+                config.metrics_listen = m;
+                config.validate()?;
             }
             let listen: SocketAddr = config.listen.as_deref().unwrap_or("127.0.0.1:7443").parse()?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
