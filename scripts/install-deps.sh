@@ -4,7 +4,7 @@
 set -euo pipefail
 
 need=()
-for pair in age:age restic:restic git:git ssh-keygen:openssh-client sqlite3:sqlite3 pkg-config:pkg-config promtool:prometheus; do
+for pair in age:age restic:restic git:git ssh-keygen:openssh-client sqlite3:sqlite3 pkg-config:pkg-config promtool:prometheus redis-server:redis-server redis-cli:redis-tools; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done

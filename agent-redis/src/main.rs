@@ -1,0 +1,100 @@
+//! agent-redis: backs up a Redis server's dataset (an RDB taken over the replication
+//! protocol) to a Coffer coordinator, restores it as a file, and drills restores.
+
+mod drill;
+mod rdb;
+mod resp;
+mod source;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use coffer_common::runtime::cli::{self, AgentArgs};
+use coffer_common::runtime::{Source, SourceError};
+
+use crate::resp::RedisUrl;
+
+/// Coffer agent for Redis.
+#[derive(Parser, Debug)]
+#[command(name = "agent-redis", version)]
+struct Cli {
+    #[command(flatten)]
+    agent: AgentArgs,
+    /// Server to back up: redis://[user:password@]HOST:PORT.
+    #[arg(long, global = true, env = "COFFER_REDIS_URL")]
+    redis_url: Option<String>,
+    /// redis-server binary the drill starts.
+    #[arg(long, global = true, env = "COFFER_REDIS_SERVER", default_value = "redis-server")]
+    redis_server: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Cmd {
+    #[command(flatten)]
+    Common(cli::Command),
+    /// Restore a snapshot into a throwaway redis-server, check it, report RTO and RPO.
+    Drill {
+        /// Snapshot id, or `latest`.
+        #[arg(long, env = "COFFER_SNAPSHOT", default_value = "latest")]
+        snapshot: String,
+    },
+}
+
+async fn run(cli: Cli) -> Result<(), cli::CliError> {
+    let url = cli
+        .redis_url
+        .as_deref()
+        .map(RedisUrl::parse)
+        .transpose()
+        .map_err(|e| cli::CliError::Source(SourceError::Failed(e.to_string())))?;
+    let source = source::RedisSource { url };
+    if let Cmd::Common(cli::Command::Run) = cli.cmd {
+        return coffer_common::runtime::daemon::run(&cli.agent, "redis", &source).await;
+    }
+    let ctx = cli.agent.connect(source.kind()).await?;
+    match cli.cmd {
+        Cmd::Common(cli::Command::Backup) => {
+            let info = cli::backup(&ctx, &source).await?;
+            println!(
+                "snapshot {} of {}: {} in {} file(s), {} new",
+                info.id,
+                info.asset,
+                coffer_common::units::format_size(info.size),
+                info.files,
+                coffer_common::units::format_size(info.new_bytes)
+            );
+            Ok(())
+        }
+        Cmd::Common(cli::Command::Restore { snapshot, to }) => cli::restore(&ctx, &source, &snapshot, &to).await,
+        Cmd::Common(cli::Command::List) => cli::list(&ctx).await,
+        Cmd::Common(cli::Command::Run) => Ok(()),
+        Cmd::Drill { snapshot } => {
+            let r = drill::drill(&ctx, &snapshot, &cli.redis_server).await?;
+            for c in &r.checks {
+                println!("  ok: {c}");
+            }
+            for p in &r.problems {
+                println!("  FAILED: {p}");
+            }
+            println!(
+                "drill of snapshot {} of {}: {}; RTO {:.2}s (restore to a serving server), RPO {}s (snapshot age)",
+                r.snapshot,
+                ctx.asset,
+                if r.problems.is_empty() { "passed" } else { "FAILED" },
+                r.rto.as_secs_f64(),
+                r.rpo.as_secs()
+            );
+            if r.problems.is_empty() {
+                Ok(())
+            } else {
+                Err(SourceError::Failed(format!("drill failed: {}", r.problems.join("; "))).into())
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    cli::agent_main("coffer-agent-redis", |c: &Cli| c.agent.log_format, run)
+}

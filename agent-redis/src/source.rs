@@ -1,0 +1,156 @@
+//! The `redis` source: one RDB per snapshot, pulled over the replication protocol (as
+//! `redis-cli --rdb` does), so nothing is written to the server's disk when it replicates
+//! diskless; the RDB's CRC-64 is checked before the snapshot can commit.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use coffer_common::manifest::Manifest;
+use coffer_common::runtime::{BackupSink, Probe, SnapshotReader, Source, SourceError, VerifyReport};
+use serde_json::{Value, json};
+
+use crate::rdb::{Framing, RdbStream, check_file};
+use crate::resp::{Conn, RedisUrl, Reply, RespError, keyspace};
+
+/// Path of the RDB inside every snapshot.
+pub const RDB_PATH: &str = "dump.rdb";
+/// How long a silent server may keep us waiting (it sends newlines while it prepares the
+/// RDB, so this only fires on a server that stopped talking).
+const READ_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub struct RedisSource {
+    pub url: Option<RedisUrl>,
+}
+
+fn fail(e: RespError) -> SourceError {
+    SourceError::Failed(e.to_string())
+}
+
+impl RedisSource {
+    fn url(&self) -> Result<&RedisUrl, SourceError> {
+        self.url.as_ref().ok_or_else(|| SourceError::Failed("--redis-url is required".into()))
+    }
+}
+
+/// Opens a replication stream: handshake, `PSYNC ? -1`, and the payload header. Returns the
+/// connection positioned at the first RDB byte, the framing and the master's replication
+/// offset.
+fn start_sync(url: &RedisUrl) -> Result<(Conn, Framing, String), SourceError> {
+    let mut c = Conn::open(url, READ_TIMEOUT).map_err(fail)?;
+    let refused = |e: RespError| {
+        SourceError::Failed(format!(
+            "redis at {} refused replication ({e}); the backup user needs the PSYNC and REPLCONF commands \
+             (ACL: +psync +replconf)",
+            url.addr()
+        ))
+    };
+    c.call(&[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"]).map_err(refused)?;
+    let full = match c.call(&[b"PSYNC", b"?", b"-1"]).map_err(refused)? {
+        Reply::Simple(s) if s.starts_with("FULLRESYNC") => s,
+        other => return Err(SourceError::Failed(format!("redis answered PSYNC with {other:?}, not FULLRESYNC"))),
+    };
+    let offset = full.split_whitespace().nth(2).unwrap_or_default().to_string();
+    // Newlines keep the link alive while the master prepares the RDB.
+    let header = loop {
+        let line = c.line().map_err(fail)?;
+        if !line.is_empty() {
+            break line;
+        }
+    };
+    let framing = Framing::parse(&header)
+        .ok_or_else(|| SourceError::Failed(format!("unexpected replication payload header {header:?}")))?;
+    Ok((c, framing, offset))
+}
+
+impl Source for RedisSource {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn probe(&self) -> Result<Probe, SourceError> {
+        let url = self.url()?.clone();
+        let info = tokio::task::spawn_blocking(move || Conn::open(&url, READ_TIMEOUT)?.info())
+            .await
+            .map_err(|e| SourceError::Failed(format!("probe thread: {e}")))?
+            .map_err(fail)?;
+        let get = |k: &str| info.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+        Ok(Probe {
+            description: format!("redis {} ({})", get("redis_version"), get("role")),
+            details: [("keys".to_string(), format!("{:?}", keyspace(&info)))].into_iter().collect(),
+        })
+    }
+
+    async fn backup(&self, sink: &mut BackupSink) -> Result<BTreeMap<String, Value>, SourceError> {
+        let url = self.url()?.clone();
+        // INFO first (version, role, key counts, memory), then the RDB.
+        let (info, conn, framing, offset) = tokio::task::spawn_blocking(move || {
+            let info = Conn::open(&url, READ_TIMEOUT).and_then(|mut c| c.info()).map_err(fail)?;
+            let (conn, framing, offset) = start_sync(&url)?;
+            Ok::<_, SourceError>((info, conn, framing, offset))
+        })
+        .await
+        .map_err(|e| SourceError::Failed(format!("redis thread: {e}")))??;
+        let (stream, summary) = RdbStream::new(conn.reader, framing);
+        sink.add_file(RDB_PATH, stream).await?;
+        // Key counts again: equal before and after means the RDB holds exactly these.
+        let url = self.url()?.clone();
+        let after = tokio::task::spawn_blocking(move || Conn::open(&url, READ_TIMEOUT).and_then(|mut c| c.info()))
+            .await
+            .map_err(|e| SourceError::Failed(format!("redis thread: {e}")))?
+            .map_err(fail)?;
+        let keys_exact = keyspace(&info) == keyspace(&after);
+        let summary = summary
+            .lock()
+            .expect("summary lock")
+            .clone()
+            .ok_or_else(|| SourceError::Failed("the RDB stream was not read to its end".into()))?;
+        let get = |k: &str| info.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+        let keys: serde_json::Map<String, Value> =
+            keyspace(&after).into_iter().map(|(db, n)| (format!("db{db}"), json!(n))).collect();
+        let mut meta = BTreeMap::new();
+        meta.insert("redis_version".into(), json!(get("redis_version")));
+        meta.insert("role".into(), json!(get("role")));
+        meta.insert("keys".into(), Value::Object(keys));
+        // False when keys changed while the RDB was taken: counts are then approximate.
+        meta.insert("keys_exact".into(), json!(keys_exact));
+        meta.insert("used_memory".into(), json!(get("used_memory").parse::<u64>().unwrap_or(0)));
+        meta.insert("replication_offset".into(), json!(offset));
+        meta.insert("rdb_version".into(), json!(summary.version));
+        meta.insert("rdb_checksum".into(), json!(summary.checksum));
+        meta.insert("rdb_bytes".into(), json!(summary.bytes));
+        meta.insert("source".into(), json!(format!("{:?}", self.url()?)));
+        tracing::info!(bytes = summary.bytes, checksum = %summary.checksum, "RDB received and checked");
+        Ok(meta)
+    }
+
+    /// Writes the snapshot's RDB to `target` (a file that must not exist).
+    async fn restore(&self, reader: &SnapshotReader, target: &Path) -> Result<(), SourceError> {
+        if target.exists() {
+            return Err(SourceError::Failed(format!("{} exists; restore into a new file", target.display())));
+        }
+        reader.restore_to_path(RDB_PATH, target).await?;
+        Ok(())
+    }
+
+    async fn verify(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {
+        let bytes = std::fs::read(target).map_err(SourceError::io(format!("reading {}", target.display())))?;
+        let mut report = VerifyReport::default();
+        match check_file(&bytes) {
+            Ok(s) => {
+                let want = manifest.source.get("rdb_checksum").and_then(Value::as_str).unwrap_or_default();
+                if s.checksum == want {
+                    report.checks.push(format!(
+                        "RDB {} bytes, version {}, CRC-64 {} as recorded",
+                        s.bytes, s.version, s.checksum
+                    ));
+                } else {
+                    report.problems.push(format!("RDB CRC-64 {} but the manifest records {want}", s.checksum));
+                }
+            }
+            Err(e) => report.problems.push(format!("RDB check failed: {e}")),
+        }
+        report.ok = report.problems.is_empty();
+        Ok(report)
+    }
+}

@@ -1,0 +1,176 @@
+//! agent-redis against real `redis-server` 7 processes and a real coordinator on loopback:
+//! backup over the replication protocol, restore to a file that a fresh redis-server loads
+//! with an identical dataset digest, a drill, wrong credentials, and a second day's upload.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use coffer_testkit::{self as kit, Coordinator, KillOnDrop};
+
+const GRANTS: &str = "[agents.redis-1]\nassets = [\"redis/*\"]\n[chunker.redis]\nmin-size = \"4KiB\"\navg-size = \"16KiB\"\nmax-size = \"64KiB\"\n";
+
+struct Redis {
+    _proc: KillOnDrop,
+    port: u16,
+    password: Option<String>,
+}
+
+impl Redis {
+    fn start(dir: &Path, name: &str, password: Option<&str>, rdb: Option<&Path>) -> Redis {
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data).unwrap();
+        if let Some(r) = rdb {
+            std::fs::copy(r, data.join("dump.rdb")).unwrap();
+        }
+        let port = kit::free_port();
+        let mut c = Command::new("redis-server");
+        c.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--repl-diskless-sync-delay", "0", "--enable-debug-command", "yes", "--dir"])
+            .arg(&data)
+            .args(["--dbfilename", "dump.rdb"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = password {
+            c.args(["--requirepass", p]);
+        }
+        let r = Redis {
+            _proc: KillOnDrop(c.spawn().expect("redis-server is required (scripts/install-deps.sh)")),
+            port,
+            password: password.map(str::to_string),
+        };
+        kit::wait_for("redis serving", Duration::from_secs(30), || (r.cli(&["PING"]).trim() == "PONG").then_some(()));
+        r
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let mut c = Command::new("redis-cli");
+        c.args(["-p", &self.port.to_string()]);
+        if let Some(p) = &self.password {
+            c.args(["--no-auth-warning", "-a", p]);
+        }
+        let o = kit::run(c.args(args));
+        kit::stdout(&o)
+    }
+
+    fn url(&self) -> String {
+        match &self.password {
+            Some(p) => format!("redis://:{p}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// Loads keys of every type through `redis-cli --pipe`.
+    fn populate(&self, keys: usize, seed: u64) {
+        let mut cmds = Vec::new();
+        let val =
+            |i: usize| format!("{:0>600}", (i as u64).wrapping_mul(seed).wrapping_mul(2654435761) % 1_000_000_007);
+        for i in 0..keys {
+            let line = match i % 6 {
+                0 => format!("SET s:{i} {}\n", val(i)),
+                1 => format!("HSET h:{i} a {} b {i}\n", val(i)),
+                2 => format!("RPUSH l:{i} {} x y\n", val(i)),
+                3 => format!("SADD t:{i} {} m n\n", val(i)),
+                4 => format!("ZADD z:{i} 1 {} 2 b\n", val(i)),
+                _ => format!("XADD x:{i} * f {}\n", val(i)),
+            };
+            cmds.extend_from_slice(line.as_bytes());
+        }
+        let mut c = Command::new("redis-cli");
+        c.args(["-p", &self.port.to_string(), "--pipe"]).stdin(Stdio::piped()).stdout(Stdio::null());
+        if let Some(p) = &self.password {
+            c.args(["--no-auth-warning", "-a", p]);
+        }
+        let mut child = c.spawn().unwrap();
+        child.stdin.take().unwrap().write_all(&cmds).unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+
+    fn digest(&self) -> String {
+        self.cli(&["DEBUG", "DIGEST"]).trim().to_string()
+    }
+}
+
+fn agent(coord: &Coordinator, certs: &Path, dir: &Path, url: &str) -> Command {
+    let mut c = kit::agent("agent-redis", coord, certs, "redis-1", dir, "redis/cache");
+    c.args(["--redis-url", url]);
+    c
+}
+
+#[test]
+fn backup_restore_drill_and_second_day() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = kit::certs(&dir.join("certs"), &["redis-1"], &[]);
+    let coord = Coordinator::start(dir, &certs, GRANTS);
+    let redis = Redis::start(dir, "primary", Some("s3cret"), None);
+    redis.populate(60_000, 7);
+    let digest = redis.digest();
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "60000");
+
+    let out = kit::ok(agent(&coord, &certs, dir, &redis.url()).arg("backup"));
+    let (first, size, _) = kit::backup_line(&out);
+
+    // Restore to a file, load it into a fresh server: the same dataset.
+    let file: PathBuf = dir.join("restored.rdb");
+    let r = kit::ok(
+        agent(&coord, &certs, dir, &redis.url()).args(["restore", "--snapshot", &first]).arg("--to").arg(&file),
+    );
+    assert!(r.contains("verified"), "{r}");
+    let copy = Redis::start(dir, "copy", None, Some(&file));
+    assert_eq!(copy.cli(&["DBSIZE"]).trim(), "60000");
+    assert_eq!(copy.digest(), digest, "every key's type and value");
+
+    // The drill does the same on its own and reports RTO and RPO.
+    let d = kit::ok(agent(&coord, &certs, dir, &redis.url()).arg("drill"));
+    assert!(d.contains("passed") && d.contains("RTO") && d.contains("key counts per db match"), "{d}");
+
+    // Second day: 1% of the keys change; the upload is a fraction of the RDB.
+    let mut cmds = String::new();
+    for i in (0..60_000).step_by(100) {
+        cmds.push_str(&format!("SET s2:{i} changed-{i}\n"));
+    }
+    for i in (0..60_000).filter(|i| i % 6 == 0).step_by(100) {
+        cmds.push_str(&format!("SET s:{i} changed\n"));
+    }
+    let mut c = Command::new("redis-cli");
+    c.args(["-p", &redis.port.to_string(), "--no-auth-warning", "-a", "s3cret", "--pipe"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(cmds.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success());
+    let out = kit::ok(agent(&coord, &certs, dir, &redis.url()).arg("backup"));
+    let (_, size2, new2) = kit::backup_line(&out);
+    assert!(size2 >= size, "{out}");
+    eprintln!("second day: uploaded {new2} of {size2} bytes");
+    assert!(new2 < size2 / 2, "second day uploaded {new2} of {size2}: {out}");
+}
+
+#[test]
+fn wrong_password_and_a_refused_sync_fail_clearly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = kit::certs(&dir.join("certs"), &["redis-1"], &[]);
+    let coord = Coordinator::start(dir, &certs, GRANTS);
+    let redis = Redis::start(dir, "primary", Some("s3cret"), None);
+    redis.populate(100, 1);
+    let bad = format!("redis://:wrong@127.0.0.1:{}", redis.port);
+    let o = kit::run(agent(&coord, &certs, dir, &bad).arg("backup"));
+    assert!(!o.status.success());
+    assert!(kit::stderr(&o).contains("WRONGPASS") || kit::stderr(&o).contains("invalid"), "{}", kit::stderr(&o));
+    // An ACL user without the replication commands.
+    redis.cli(&["ACL", "SETUSER", "reader", "on", ">pw", "~*", "+@read", "+info", "+ping"]);
+    let limited = format!("redis://reader:pw@127.0.0.1:{}", redis.port);
+    let o = kit::run(agent(&coord, &certs, dir, &limited).arg("backup"));
+    assert!(!o.status.success());
+    assert!(
+        kit::stderr(&o).contains("refused replication") && kit::stderr(&o).contains("+psync"),
+        "{}",
+        kit::stderr(&o)
+    );
+    // Nothing was committed.
+    let l = kit::ok(agent(&coord, &certs, dir, &redis.url()).arg("list"));
+    assert_eq!(l.lines().count(), 1, "{l}");
+}
