@@ -14,12 +14,60 @@ use serde_json::Value;
 use crate::resp::{Conn, RedisUrl, Reply, keyspace};
 use crate::source::RDB_PATH;
 
-struct Server(Child);
+/// A throwaway `redis-server` on a free loopback port, serving `dump.rdb` from its own
+/// directory; killed and its directory removed when dropped.
+pub struct TempServer {
+    child: Child,
+    pub port: u16,
+    dir: PathBuf,
+}
 
-impl Drop for Server {
+impl Drop for TempServer {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TempServer {
+    /// A directory for the server's `dump.rdb` (write it there, then `start`).
+    pub fn dir() -> Result<PathBuf, SourceError> {
+        let dir = std::env::temp_dir().join(format!("coffer-redis-{}-{}", std::process::id(), free_port()?));
+        std::fs::create_dir_all(&dir).map_err(SourceError::io(format!("creating {}", dir.display())))?;
+        Ok(dir)
+    }
+
+    /// Starts `redis_server` on `dir/dump.rdb` (AOF and saving off; replicas it serves sync
+    /// at once, diskless) and waits until it answers PING (the RDB is loaded).
+    pub fn start(redis_server: &str, dir: PathBuf) -> Result<TempServer, SourceError> {
+        let port = free_port()?;
+        let child = Command::new(redis_server)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
+            .arg(&dir)
+            .args(["--dbfilename", "dump.rdb", "--appendonly", "no", "--save", "", "--daemonize", "no"])
+            .args(["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(SourceError::io(format!("starting {redis_server}")))?;
+        let server = TempServer { child, port, dir };
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Ok(mut c) = Conn::open(&server.url(), Duration::from_secs(30))
+                && matches!(c.call(&[b"PING"]), Ok(Reply::Simple(ref p)) if p == "PONG")
+            {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                return Err(SourceError::Failed("the temporary redis-server did not serve within 10 minutes".into()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> RedisUrl {
+        RedisUrl { host: "127.0.0.1".into(), port: self.port, user: None, password: None }
     }
 }
 
@@ -40,52 +88,23 @@ pub async fn drill(ctx: &AgentContext, snapshot: &str, redis_server: &str) -> Re
     let started = Instant::now();
     let reader =
         SnapshotReader::open(&ctx.coord, &ctx.keyring, &ctx.asset, snapshot, ctx.args.restore_options()).await?;
-    let work = std::env::temp_dir().join(format!("coffer-redis-drill-{}-{}", std::process::id(), free_port()?));
-    std::fs::create_dir_all(&work).map_err(SourceError::io(format!("creating {}", work.display())))?;
-    let cleanup = scopeguard(work.clone());
-    reader.restore_to_path(RDB_PATH, &work.join("dump.rdb")).await?;
+    let work = TempServer::dir()?;
+    if let Err(e) = reader.restore_to_path(RDB_PATH, &work.join("dump.rdb")).await {
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(e.into());
+    }
     reader.finish();
     let m = reader.manifest().clone();
-
-    let port = free_port()?;
-    let child = Command::new(redis_server)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
-        .arg(&work)
-        .args(["--dbfilename", "dump.rdb", "--appendonly", "no", "--save", "", "--daemonize", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(SourceError::io(format!("starting {redis_server}")))?;
-    let server = Server(child);
-    let url = RedisUrl { host: "127.0.0.1".into(), port, user: None, password: None };
+    let (snapshot_id, finished_at) = (m.snapshot.clone(), m.finished_at.clone());
+    let server_bin = redis_server.to_string();
     let report = tokio::task::spawn_blocking(move || -> Result<(Duration, Vec<String>, Vec<String>), SourceError> {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        // Serving means PING answers PONG (not LOADING).
-        let mut conn = loop {
-            if let Ok(mut c) = Conn::open(&url, Duration::from_secs(30))
-                && matches!(c.call(&[b"PING"]), Ok(Reply::Simple(ref p)) if p == "PONG")
-            {
-                break c;
-            }
-            if Instant::now() > deadline {
-                return Err(SourceError::Failed("the drill server did not start serving within 10 minutes".into()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let server = TempServer::start(&server_bin, work)?;
         let rto = started.elapsed();
+        let mut conn =
+            Conn::open(&server.url(), Duration::from_secs(30)).map_err(|e| SourceError::Failed(e.to_string()))?;
         let info = conn.info().map_err(|e| SourceError::Failed(e.to_string()))?;
         let got = keyspace(&info);
-        let want: Vec<(u32, u64)> = m
-            .source
-            .get("keys")
-            .and_then(Value::as_object)
-            .map(|o| {
-                let mut v: Vec<(u32, u64)> =
-                    o.iter().filter_map(|(k, n)| Some((k.strip_prefix("db")?.parse().ok()?, n.as_u64()?))).collect();
-                v.sort();
-                v
-            })
-            .unwrap_or_default();
+        let want = manifest_keys(&m);
         let exact = m.source.get("keys_exact").and_then(Value::as_bool).unwrap_or(false);
         let (mut checks, mut problems) = (Vec::new(), Vec::new());
         if got == want {
@@ -115,27 +134,23 @@ pub async fn drill(ctx: &AgentContext, snapshot: &str, redis_server: &str) -> Re
             }
         }
         checks.push(format!("{sampled} sampled keys readable"));
-        let _ = conn.call(&[b"SHUTDOWN", b"NOSAVE"]);
         Ok((rto, checks, problems))
     })
     .await
     .map_err(|e| SourceError::Failed(format!("drill thread: {e}")))??;
-    drop(server);
-    drop(cleanup);
-    let taken = coffer_common::time::parse_rfc3339(&m.finished_at).unwrap_or_else(coffer_common::time::now);
+    let taken = coffer_common::time::parse_rfc3339(&finished_at).unwrap_or_else(coffer_common::time::now);
     let rpo = coffer_common::time::now().duration_since(taken).unwrap_or_default();
-    Ok(DrillReport { snapshot: m.snapshot.clone(), rto: report.0, rpo, checks: report.1, problems: report.2 })
+    Ok(DrillReport { snapshot: snapshot_id, rto: report.0, rpo, checks: report.1, problems: report.2 })
 }
 
-/// Removes the drill's directory when dropped.
-struct Guard(PathBuf);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn scopeguard(p: PathBuf) -> Guard {
-    Guard(p)
+/// Per-db key counts a manifest records.
+pub fn manifest_keys(m: &coffer_common::manifest::Manifest) -> Vec<(u32, u64)> {
+    let mut v: Vec<(u32, u64)> = m
+        .source
+        .get("keys")
+        .and_then(Value::as_object)
+        .map(|o| o.iter().filter_map(|(k, n)| Some((k.strip_prefix("db")?.parse().ok()?, n.as_u64()?))).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
 }

@@ -23,9 +23,12 @@ struct Cli {
     /// Server to back up: redis://[user:password@]HOST:PORT.
     #[arg(long, global = true, env = "COFFER_REDIS_URL")]
     redis_url: Option<String>,
-    /// redis-server binary the drill starts.
+    /// redis-server binary for drills and restores into a server.
     #[arg(long, global = true, env = "COFFER_REDIS_SERVER", default_value = "redis-server")]
     redis_server: String,
+    /// `restore --to redis://…`: replace the keys of a server that is not empty.
+    #[arg(long, global = true, env = "COFFER_FORCE")]
+    force: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -49,7 +52,7 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
         .map(RedisUrl::parse)
         .transpose()
         .map_err(|e| cli::CliError::Source(SourceError::Failed(e.to_string())))?;
-    let source = source::RedisSource { url };
+    let source = source::RedisSource { url, force: cli.force, redis_server: cli.redis_server.clone() };
     if let Cmd::Common(cli::Command::Run) = cli.cmd {
         return coffer_common::runtime::daemon::run(&cli.agent, "redis", &source).await;
     }

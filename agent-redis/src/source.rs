@@ -21,6 +21,10 @@ const READ_TIMEOUT: Duration = Duration::from_secs(300);
 
 pub struct RedisSource {
     pub url: Option<RedisUrl>,
+    /// `restore --to redis://` may replace the keys of a non-empty server.
+    pub force: bool,
+    /// The redis-server binary for restores into a server and for drills.
+    pub redis_server: String,
 }
 
 fn fail(e: RespError) -> SourceError {
@@ -124,8 +128,13 @@ impl Source for RedisSource {
         Ok(meta)
     }
 
-    /// Writes the snapshot's RDB to `target` (a file that must not exist).
+    /// Writes the snapshot's RDB to `target` (a file that must not exist), or loads it into
+    /// the running server `redis://…` (see [`restore_into_server`]).
     async fn restore(&self, reader: &SnapshotReader, target: &Path) -> Result<(), SourceError> {
+        if let Some(url) = target.to_str().filter(|t| t.starts_with("redis://")) {
+            let url = RedisUrl::parse(url).map_err(fail)?;
+            return restore_into_server(reader, &url, self.force, &self.redis_server).await;
+        }
         if target.exists() {
             return Err(SourceError::Failed(format!("{} exists; restore into a new file", target.display())));
         }
@@ -134,6 +143,25 @@ impl Source for RedisSource {
     }
 
     async fn verify(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {
+        if let Some(url) = target.to_str().filter(|t| t.starts_with("redis://")) {
+            let url = RedisUrl::parse(url).map_err(fail)?;
+            let info = tokio::task::spawn_blocking(move || Conn::open(&url, READ_TIMEOUT)?.info())
+                .await
+                .map_err(|e| SourceError::Failed(format!("redis thread: {e}")))?
+                .map_err(fail)?;
+            let (got, want) = (keyspace(&info), crate::drill::manifest_keys(manifest));
+            let exact = manifest.source.get("keys_exact").and_then(Value::as_bool).unwrap_or(false);
+            let mut report = VerifyReport::default();
+            if got == want {
+                report.checks.push(format!("key counts per db match the manifest: {got:?}"));
+            } else if exact {
+                report.problems.push(format!("key counts per db {got:?}, the manifest records {want:?}"));
+            } else {
+                report.checks.push(format!("key counts per db {got:?} (the manifest's {want:?} are approximate)"));
+            }
+            report.ok = report.problems.is_empty();
+            return Ok(report);
+        }
         let bytes = std::fs::read(target).map_err(SourceError::io(format!("reading {}", target.display())))?;
         let mut report = VerifyReport::default();
         match check_file(&bytes) {
@@ -153,4 +181,65 @@ impl Source for RedisSource {
         report.ok = report.problems.is_empty();
         Ok(report)
     }
+}
+
+/// Loads a snapshot into a running server without touching its disk or restarting it: the
+/// RDB is restored (verified) into a throwaway `redis-server` on a free loopback port, the
+/// target is made its replica (`REPLICAOF 127.0.0.1 PORT`), which replaces the target's
+/// dataset by a full sync, and once the link is up and the sync done the target is promoted
+/// back (`REPLICAOF NO ONE`). The target must be able to reach this agent on loopback (the
+/// agent runs next to it) and must be empty unless `force`.
+async fn restore_into_server(
+    reader: &SnapshotReader,
+    url: &RedisUrl,
+    force: bool,
+    redis_server: &str,
+) -> Result<(), SourceError> {
+    let target = url.clone();
+    let keys = tokio::task::spawn_blocking(move || Conn::open(&target, READ_TIMEOUT)?.info())
+        .await
+        .map_err(|e| SourceError::Failed(format!("redis thread: {e}")))?
+        .map_err(fail)?;
+    let present: u64 = keyspace(&keys).iter().map(|(_, n)| n).sum();
+    if present > 0 && !force {
+        return Err(SourceError::Failed(format!(
+            "redis at {} holds {present} keys; restoring would replace them (use --force to do so)",
+            url.addr()
+        )));
+    }
+    let dir = crate::drill::TempServer::dir()?;
+    if let Err(e) = reader.restore_to_path(RDB_PATH, &dir.join("dump.rdb")).await {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e.into());
+    }
+    let (target, bin) = (url.clone(), redis_server.to_string());
+    tokio::task::spawn_blocking(move || -> Result<(), SourceError> {
+        let source = crate::drill::TempServer::start(&bin, dir)?;
+        let mut c = Conn::open(&target, READ_TIMEOUT).map_err(fail)?;
+        c.call(&[b"REPLICAOF", b"127.0.0.1", source.port.to_string().as_bytes()]).map_err(fail)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(3600);
+        loop {
+            let info = c.info().map_err(fail)?;
+            let get = |k: &str| info.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str()).unwrap_or_default();
+            if get("master_link_status") == "up" && get("master_sync_in_progress") == "0" {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = c.call(&[b"REPLICAOF", b"NO", b"ONE"]);
+                return Err(SourceError::Failed("the target did not finish syncing within an hour".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        c.call(&[b"REPLICAOF", b"NO", b"ONE"]).map_err(fail)?;
+        let want = keyspace(&Conn::open(&source.url(), READ_TIMEOUT).and_then(|mut s| s.info()).map_err(fail)?);
+        let got = keyspace(&c.info().map_err(fail)?);
+        if got != want {
+            return Err(SourceError::Failed(format!(
+                "after the sync the target has {got:?} keys, the snapshot {want:?}"
+            )));
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| SourceError::Failed(format!("redis thread: {e}")))?
 }

@@ -126,6 +126,19 @@ fn backup_restore_drill_and_second_day() {
     let d = kit::ok(agent(&coord, &certs, dir, &redis.url()).arg("drill"));
     assert!(d.contains("passed") && d.contains("RTO") && d.contains("key counts per db match"), "{d}");
 
+    // Flush the live server and restore into it while it runs (it syncs from a throwaway
+    // server loaded with the snapshot): the same dataset again.
+    redis.cli(&["FLUSHALL"]);
+    assert_eq!(redis.cli(&["DBSIZE"]).trim(), "0");
+    let r =
+        kit::ok(agent(&coord, &certs, dir, &redis.url()).args(["restore", "--snapshot", &first, "--to", &redis.url()]));
+    assert!(r.contains("verified"), "{r}");
+    assert_eq!(redis.digest(), digest, "restored into the running server");
+    assert_eq!(redis.cli(&["ROLE"]).lines().next(), Some("master"), "promoted back after the sync");
+    // A server that holds keys is not overwritten without --force.
+    let o = kit::run(agent(&coord, &certs, dir, &redis.url()).args(["restore", "--to", &copy.url()]));
+    assert!(!o.status.success() && kit::stderr(&o).contains("--force"), "{}", kit::stderr(&o));
+
     // Second day: 1% of the keys change; the upload is a fraction of the RDB.
     let mut cmds = String::new();
     for i in (0..60_000).step_by(100) {
