@@ -26,6 +26,10 @@ struct Cli {
     /// redis-server binary for drills and restores into a server.
     #[arg(long, global = true, env = "COFFER_REDIS_SERVER", default_value = "redis-server")]
     redis_server: String,
+    /// The server's data directory, when the agent runs beside it: back up with BGSAVE and
+    /// read the RDB file instead of replicating.
+    #[arg(long, global = true, env = "COFFER_REDIS_DATA_DIR")]
+    redis_data_dir: Option<std::path::PathBuf>,
     /// `restore --to redis://…`: replace the keys of a server that is not empty.
     #[arg(long, global = true, env = "COFFER_FORCE")]
     force: bool,
@@ -52,7 +56,12 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
         .map(RedisUrl::parse)
         .transpose()
         .map_err(|e| cli::CliError::Source(SourceError::Failed(e.to_string())))?;
-    let source = source::RedisSource { url, force: cli.force, redis_server: cli.redis_server.clone() };
+    let source = source::RedisSource {
+        url,
+        force: cli.force,
+        redis_server: cli.redis_server.clone(),
+        data_dir: cli.redis_data_dir.clone(),
+    };
     if let Cmd::Common(cli::Command::Run) = cli.cmd {
         return coffer_common::runtime::daemon::run(&cli.agent, "redis", &source).await;
     }

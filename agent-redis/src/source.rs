@@ -25,6 +25,9 @@ pub struct RedisSource {
     pub force: bool,
     /// The redis-server binary for restores into a server and for drills.
     pub redis_server: String,
+    /// The server's data directory, when the agent runs beside it (sidecar): backups then
+    /// use `BGSAVE` and read the RDB file instead of replicating.
+    pub data_dir: Option<std::path::PathBuf>,
 }
 
 fn fail(e: RespError) -> SourceError {
@@ -67,6 +70,56 @@ fn start_sync(url: &RedisUrl) -> Result<(Conn, Framing, String), SourceError> {
     Ok((c, framing, offset))
 }
 
+/// Sidecar mode: `BGSAVE`, wait for it to finish successfully, open the RDB file. The open
+/// file stays readable even if a later save renames a new one over it.
+fn bgsave(url: &RedisUrl, data_dir: &Path) -> Result<std::fs::File, SourceError> {
+    let mut c = Conn::open(url, READ_TIMEOUT).map_err(fail)?;
+    let persistence = |c: &mut Conn| -> Result<(bool, i64, String), SourceError> {
+        let info = c.info().map_err(fail)?;
+        let get = |k: &str| info.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).unwrap_or_default();
+        Ok((
+            get("rdb_bgsave_in_progress") == "1",
+            get("rdb_last_save_time").parse().unwrap_or(0),
+            get("rdb_last_bgsave_status"),
+        ))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(6 * 3600);
+    let wait = |c: &mut Conn, after: i64| -> Result<(), SourceError> {
+        loop {
+            let (running, last, status) = persistence(c)?;
+            if !running && last > after {
+                return if status == "ok" {
+                    Ok(())
+                } else {
+                    Err(SourceError::Failed(format!("redis BGSAVE failed (rdb_last_bgsave_status:{status})")))
+                };
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(SourceError::Failed("redis BGSAVE did not finish within 6 hours".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // A save already running started before this backup: let it finish, then take ours.
+    let (running, last, _) = persistence(&mut c)?;
+    if running {
+        wait(&mut c, last)?;
+    }
+    let (_, before, _) = persistence(&mut c)?;
+    // LASTSAVE has one-second resolution: start after the second of the previous save.
+    while coffer_common::time::unix_seconds(coffer_common::time::now()) <= before {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.call(&[b"BGSAVE"]).map_err(fail)?;
+    wait(&mut c, before)?;
+    let name = match c.call(&[b"CONFIG", b"GET", b"dbfilename"]) {
+        Ok(Reply::Array(Some(v))) => v.get(1).and_then(Reply::text).unwrap_or_else(|| "dump.rdb".into()),
+        _ => "dump.rdb".into(),
+    };
+    let path = data_dir.join(&name);
+    std::fs::File::open(&path).map_err(SourceError::io(format!("opening {}", path.display())))
+}
+
 impl Source for RedisSource {
     fn kind(&self) -> &'static str {
         "redis"
@@ -88,14 +141,24 @@ impl Source for RedisSource {
     async fn backup(&self, sink: &mut BackupSink) -> Result<BTreeMap<String, Value>, SourceError> {
         let url = self.url()?.clone();
         // INFO first (version, role, key counts, memory), then the RDB.
-        let (info, conn, framing, offset) = tokio::task::spawn_blocking(move || {
+        let data_dir = self.data_dir.clone();
+        let (info, input, framing, offset) = tokio::task::spawn_blocking(move || {
             let info = Conn::open(&url, READ_TIMEOUT).and_then(|mut c| c.info()).map_err(fail)?;
+            if let Some(dir) = data_dir {
+                let file = bgsave(&url, &dir)?;
+                let len = file.metadata().map_err(SourceError::io("reading the RDB file's size"))?.len();
+                let offset =
+                    info.iter().find(|(k, _)| k == "master_repl_offset").map(|(_, v)| v.clone()).unwrap_or_default();
+                let input: Box<dyn std::io::Read + Send> = Box::new(file);
+                return Ok::<_, SourceError>((info, input, Framing::Length(len), offset));
+            }
             let (conn, framing, offset) = start_sync(&url)?;
-            Ok::<_, SourceError>((info, conn, framing, offset))
+            let input: Box<dyn std::io::Read + Send> = Box::new(conn.reader);
+            Ok((info, input, framing, offset))
         })
         .await
         .map_err(|e| SourceError::Failed(format!("redis thread: {e}")))??;
-        let (stream, summary) = RdbStream::new(conn.reader, framing);
+        let (stream, summary) = RdbStream::new(input, framing);
         sink.add_file(RDB_PATH, stream).await?;
         // Key counts again: equal before and after means the RDB holds exactly these.
         let url = self.url()?.clone();
@@ -124,6 +187,7 @@ impl Source for RedisSource {
         meta.insert("rdb_checksum".into(), json!(summary.checksum));
         meta.insert("rdb_bytes".into(), json!(summary.bytes));
         meta.insert("source".into(), json!(format!("{:?}", self.url()?)));
+        meta.insert("method".into(), json!(if self.data_dir.is_some() { "bgsave" } else { "replication" }));
         tracing::info!(bytes = summary.bytes, checksum = %summary.checksum, "RDB received and checked");
         Ok(meta)
     }

@@ -187,3 +187,23 @@ fn wrong_password_and_a_refused_sync_fail_clearly() {
     let l = kit::ok(agent(&coord, &certs, dir, &redis.url()).arg("list"));
     assert_eq!(l.lines().count(), 1, "{l}");
 }
+
+#[test]
+fn sidecar_mode_backs_up_with_bgsave() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = kit::certs(&dir.join("certs"), &["redis-1"], &[]);
+    let coord = Coordinator::start(dir, &certs, GRANTS);
+    let redis = Redis::start(dir, "primary", Some("s3cret"), None);
+    redis.populate(3000, 3);
+    let digest = redis.digest();
+    let out = kit::ok(
+        agent(&coord, &certs, dir, &redis.url()).arg("--redis-data-dir").arg(dir.join("primary")).arg("backup"),
+    );
+    let (snap, _, _) = kit::backup_line(&out);
+    assert!(dir.join("primary/dump.rdb").exists(), "the server saved its RDB");
+    let file = dir.join("restored.rdb");
+    kit::ok(agent(&coord, &certs, dir, &redis.url()).args(["restore", "--snapshot", &snap]).arg("--to").arg(&file));
+    let copy = Redis::start(dir, "copy", None, Some(&file));
+    assert_eq!(copy.digest(), digest);
+}
