@@ -4,10 +4,12 @@
 set -euo pipefail
 
 need=()
-for pair in age:age restic:restic git:git ssh-keygen:openssh-client sqlite3:sqlite3 pkg-config:pkg-config promtool:prometheus redis-server:redis-server redis-cli:redis-tools; do
+for pair in age:age restic:restic git:git ssh-keygen:openssh-client sqlite3:sqlite3 pkg-config:pkg-config promtool:prometheus redis-server:redis-server redis-cli:redis-tools etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler; do
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
+# etcd-client's build script runs protoc, which needs the well-known .proto files.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
