@@ -66,17 +66,33 @@ async fn client(url: &str, certs: Option<&Path>) -> Client {
 }
 
 async fn put_many(c: &mut Client, prefix: &str, n: usize) {
+    put_sized(c, prefix, n, 50).await
+}
+
+async fn put_sized(c: &mut Client, prefix: &str, n: usize, width: usize) {
     for start in (0..n).step_by(128) {
         let ops: Vec<TxnOp> = (start..(start + 128).min(n))
-            .map(|i| TxnOp::put(format!("{prefix}/{i:06}"), format!("value-{i}-{}", "x".repeat(i % 50)), None))
+            .map(|i| TxnOp::put(format!("{prefix}/{i:06}"), format!("value-{i}-{}", "x".repeat(i % width)), None))
             .collect();
         c.txn(Txn::new().and_then(ops)).await.unwrap();
     }
 }
 
+/// Every key and value, in pages (one response is capped at 4 MiB).
 async fn all_keys(c: &mut Client) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let r = c.get("", Some(GetOptions::new().with_all_keys())).await.unwrap();
-    r.kvs().iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())).collect()
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut from = vec![0u8];
+    loop {
+        let r = c.get(from.clone(), Some(GetOptions::new().with_from_key().with_limit(5000))).await.unwrap();
+        out.extend(r.kvs().iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())));
+        match r.kvs().last() {
+            Some(kv) if r.more() => {
+                from = kv.key().to_vec();
+                from.push(0);
+            }
+            _ => return out,
+        }
+    }
 }
 
 fn agent(coord: &Coordinator, certs: &Path, dir: &Path, etcd: &str) -> Command {
@@ -104,7 +120,7 @@ async fn snapshot_restore_with_stock_tools_and_drill() {
     let coord = Coordinator::start(&dir, &certs, GRANTS);
     let etcd = start_etcd(&dir, &dir.join("etcd-data"), Some(&certs));
     let mut c = client(&etcd.url, Some(&certs)).await;
-    put_many(&mut c, "/registry/pods", 20_000).await;
+    put_many(&mut c, "/registry/pods", 100_000).await;
     let before = all_keys(&mut c).await;
 
     let out = kit::ok(agent(&coord, &certs, &dir, &etcd.url).arg("backup"));
@@ -130,7 +146,7 @@ async fn snapshot_restore_with_stock_tools_and_drill() {
         serde_json::from_slice(&std::fs::read(format!("{}.manifest", file.display())).unwrap()).unwrap();
     let sum = kit::ok(Command::new("sha256sum").arg(&file));
     assert_eq!(sum.split_whitespace().next(), manifest["files"][0]["sha256"].as_str(), "{manifest}");
-    assert_eq!(manifest["source"]["key_count"], 20_000);
+    assert_eq!(manifest["source"]["key_count"], 100_000);
 
     // The stock restore tool accepts it; etcd started on it holds exactly the first 20k keys.
     let pp = kit::free_port();
@@ -151,7 +167,7 @@ async fn snapshot_restore_with_stock_tools_and_drill() {
 
     // The drill does all of that on its own.
     let out = kit::ok(agent(&coord, &certs, &dir, &etcd.url).args(["drill", "--snapshot", &snap]));
-    assert!(out.contains("passed") && out.contains("20000 keys"), "{out}");
+    assert!(out.contains("passed") && out.contains("100000 keys"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,4 +186,40 @@ async fn a_client_certificate_etcd_rejects_fails_clearly() {
     assert!(err.contains("no etcd member answered") && err.contains(&etcd.url), "{err}");
     let l = kit::ok(agent(&coord, &certs, &dir, &etcd.url).arg("list"));
     assert_eq!(l.lines().count(), 1, "nothing committed: {l}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_member_killed_mid_snapshot_leaves_nothing_and_the_next_succeeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let certs = kit::certs(&dir.join("certs"), &["etcd-1"], &[]);
+    let coord = Coordinator::start(&dir, &certs, GRANTS);
+    let data = dir.join("etcd-data");
+    let mut etcd = start_etcd(&dir, &data, Some(&certs));
+    let mut c = client(&etcd.url, Some(&certs)).await;
+    // ~100 MB of data so the snapshot stream takes a while.
+    put_sized(&mut c, "/big", 50_000, 2000).await;
+    let mut backup = agent(&coord, &certs, &dir, &etcd.url);
+    backup.arg("backup").stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = backup.spawn().unwrap();
+    // Kill etcd as soon as the backup has begun on the coordinator.
+    kit::wait_for("the backup to begin", Duration::from_secs(60), || {
+        coord.logs().contains("backup begun").then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let url = etcd.url.clone();
+    etcd._proc.0.kill().unwrap();
+    let _ = etcd._proc.0.wait();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the backup must fail: {}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("snapshot") || err.contains("etcd"), "{err}");
+    let l = kit::ok(agent(&coord, &certs, &dir, &url).arg("list"));
+    assert_eq!(l.lines().count(), 1, "no snapshot is visible: {l}");
+
+    // etcd back on the same data: the next backup completes.
+    let etcd = start_etcd(&dir, &data, Some(&certs));
+    let _ = client(&etcd.url, Some(&certs)).await;
+    let out = kit::ok(agent(&coord, &certs, &dir, &etcd.url).arg("backup"));
+    assert!(out.starts_with("snapshot "), "{out}");
 }
