@@ -8,20 +8,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coffer_common::runtime::cli::AgentContext;
+use coffer_common::runtime::cli::{AgentContext, DrillReport};
 use coffer_common::runtime::{SnapshotReader, SourceError};
 use etcd_client::{Client, GetOptions};
 use serde_json::Value;
 
 use crate::source::SNAPSHOT_PATH;
-
-pub struct DrillReport {
-    pub snapshot: String,
-    pub rto: Duration,
-    pub rpo: Duration,
-    pub checks: Vec<String>,
-    pub problems: Vec<String>,
-}
 
 struct Scratch {
     dir: PathBuf,

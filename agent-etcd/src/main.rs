@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use coffer_common::runtime::Source;
 use coffer_common::runtime::cli::{self, AgentArgs};
-use coffer_common::runtime::{Source, SourceError};
 
 /// Coffer agent for etcd.
 #[derive(Parser, Debug)]
@@ -67,14 +67,7 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
     match cli.cmd {
         Cmd::Common(cli::Command::Backup) => {
             let info = cli::backup(&ctx, &source).await?;
-            println!(
-                "snapshot {} of {}: {} in {} file(s), {} new",
-                info.id,
-                info.asset,
-                coffer_common::units::format_size(info.size),
-                info.files,
-                coffer_common::units::format_size(info.new_bytes)
-            );
+            cli::print_snapshot(&info);
             Ok(())
         }
         Cmd::Common(cli::Command::Restore { snapshot, to }) => {
@@ -93,26 +86,7 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
         Cmd::Common(cli::Command::List) => cli::list(&ctx).await,
         Cmd::Common(cli::Command::Run) => Ok(()),
         Cmd::Drill { snapshot } => {
-            let r = drill::drill(&ctx, &snapshot, &cli.restore_tool, &cli.etcd_binary).await?;
-            for c in &r.checks {
-                println!("  ok: {c}");
-            }
-            for p in &r.problems {
-                println!("  FAILED: {p}");
-            }
-            println!(
-                "drill of snapshot {} of {}: {}; RTO {:.2}s (restore to a serving etcd), RPO {}s (snapshot age)",
-                r.snapshot,
-                ctx.asset,
-                if r.problems.is_empty() { "passed" } else { "FAILED" },
-                r.rto.as_secs_f64(),
-                r.rpo.as_secs()
-            );
-            if r.problems.is_empty() {
-                Ok(())
-            } else {
-                Err(SourceError::Failed(format!("drill failed: {}", r.problems.join("; "))).into())
-            }
+            drill::drill(&ctx, &snapshot, &cli.restore_tool, &cli.etcd_binary).await?.finish(&ctx.asset, "etcd")
         }
     }
 }

@@ -51,14 +51,7 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
         cli::Command::Backup => {
             let source = backup_source(&cli, "backup")?;
             let info = cli::backup(&ctx, &source).await?;
-            println!(
-                "snapshot {} of {}: {} in {} file(s), {} new",
-                info.id,
-                info.asset,
-                coffer_common::units::format_size(info.size),
-                info.files,
-                coffer_common::units::format_size(info.new_bytes)
-            );
+            cli::print_snapshot(&info);
             Ok(())
         }
         cli::Command::Restore { snapshot, to } => {

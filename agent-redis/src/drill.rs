@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use coffer_common::runtime::cli::AgentContext;
+use coffer_common::runtime::cli::{AgentContext, DrillReport};
 use coffer_common::runtime::{SnapshotReader, SourceError};
 use serde_json::Value;
 
@@ -74,14 +74,6 @@ impl TempServer {
 fn free_port() -> Result<u16, SourceError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(SourceError::io("finding a free port"))?;
     l.local_addr().map(|a| a.port()).map_err(SourceError::io("finding a free port"))
-}
-
-pub struct DrillReport {
-    pub snapshot: String,
-    pub rto: Duration,
-    pub rpo: Duration,
-    pub checks: Vec<String>,
-    pub problems: Vec<String>,
 }
 
 pub async fn drill(ctx: &AgentContext, snapshot: &str, redis_server: &str) -> Result<DrillReport, SourceError> {

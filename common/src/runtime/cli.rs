@@ -267,6 +267,54 @@ async fn restore_inner<S: Source>(ctx: &AgentContext, source: &S, snapshot: &str
     Ok(())
 }
 
+/// The line every agent prints for a committed snapshot (scripts parse it).
+pub fn print_snapshot(info: &pb::SnapshotInfo) {
+    println!(
+        "snapshot {} of {}: {} in {} file(s), {} new",
+        info.id,
+        info.asset,
+        format_size(info.size),
+        info.files,
+        format_size(info.new_bytes)
+    );
+}
+
+/// A restore drill's outcome, reported the same way by every agent.
+#[derive(Debug, Clone, Default)]
+pub struct DrillReport {
+    pub snapshot: String,
+    /// From the start of the drill to a serving target.
+    pub rto: std::time::Duration,
+    /// Age of the snapshot when the drill ran.
+    pub rpo: std::time::Duration,
+    pub checks: Vec<String>,
+    pub problems: Vec<String>,
+}
+
+impl DrillReport {
+    /// Prints the checks and the verdict; an error if any check failed.
+    pub fn finish(&self, asset: &str, serving: &str) -> Result<(), CliError> {
+        for c in &self.checks {
+            println!("  ok: {c}");
+        }
+        for p in &self.problems {
+            println!("  FAILED: {p}");
+        }
+        println!(
+            "drill of snapshot {} of {asset}: {}; RTO {:.2}s (restore to a serving {serving}), RPO {}s (snapshot age)",
+            self.snapshot,
+            if self.problems.is_empty() { "passed" } else { "FAILED" },
+            self.rto.as_secs_f64(),
+            self.rpo.as_secs()
+        );
+        if self.problems.is_empty() {
+            Ok(())
+        } else {
+            Err(SourceError::Failed(format!("drill failed: {}", self.problems.join("; "))).into())
+        }
+    }
+}
+
 /// Prints the asset's snapshots, newest first.
 pub async fn list(ctx: &AgentContext) -> Result<(), CliError> {
     let snaps = ctx.coord.list_snapshots(&ctx.asset, 0).await?;

@@ -94,9 +94,21 @@ impl AgentApi {
                 who.name
             )));
         }
-        let (repo, name, key) = (st.repo.clone(), who.name.clone(), r.signing_key.clone());
-        blocking(move || repo.write_agent_key(&name, &key)).await??;
-        st.catalog.upsert_agent(&who.name, r.signing_key.trim(), &r.age_recipient, &r.agent_version).await?;
+        // A known agent's Hello changes nothing on disk unless its details changed, so a full
+        // disk never stops restores; only a first registration must be written.
+        let known = match st.repo.read_agent_key(&who.name)? {
+            Some(k) => signing::same_key(&k, &r.signing_key),
+            None => false,
+        };
+        if !known {
+            let (repo, name, key) = (st.repo.clone(), who.name.clone(), r.signing_key.clone());
+            blocking(move || repo.write_agent_key(&name, &key)).await??;
+        }
+        match st.catalog.upsert_agent(&who.name, r.signing_key.trim(), &r.age_recipient, &r.agent_version).await {
+            Ok(()) => {}
+            Err(e) if known => tracing::warn!(agent = %who, "could not record the agent's last contact: {e}"),
+            Err(e) => return Err(e.into()),
+        }
         tracing::info!(agent = %who, version = %r.agent_version, "agent registered");
         Ok(pb::HelloResponse {
             identity: who.uri(),
