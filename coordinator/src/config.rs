@@ -71,6 +71,12 @@ pub struct Config {
     /// over the built-in matrix (see `policy`).
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// S3-compatible copy targets by name (policies name them in `copies`).
+    #[serde(default)]
+    pub targets: BTreeMap<String, crate::replicate::TargetConfig>,
+    /// How often the replication job looks for objects to copy.
+    #[serde(default = "default_replication_interval", with = "serde_duration")]
+    pub replication_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +108,9 @@ fn default_min_free() -> u64 {
 }
 fn default_grace() -> Duration {
     Duration::from_secs(30)
+}
+fn default_replication_interval() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_metrics_listen() -> String {
     "127.0.0.1:9464".into()
@@ -180,6 +189,9 @@ impl Config {
             }
         }
         problems.extend(self.policy.validate());
+        for (name, t) in &self.targets {
+            problems.extend(t.validate(name));
+        }
         if self.metrics_listen != "off" && self.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
             problems.push(format!(
                 "metrics-listen: {:?} is not an address like 127.0.0.1:9464 (or \"off\")",

@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod policy;
 pub mod prune;
+pub mod replicate;
 pub mod retention;
 pub mod scheduler;
 pub mod server;

@@ -207,6 +207,15 @@ pub async fn serve(
             }
         })
     });
+    let replication = (!state.config.targets.is_empty()).then(|| {
+        let state = state.clone();
+        let every = state.config.replication_interval;
+        let jobs = state.jobs.clone();
+        jobs.spawn("replication", every, crate::scheduler::system_now_ms, shutdown.clone(), move || {
+            let state = state.clone();
+            async move { crate::replicate::step(&state, crate::scheduler::system_now_ms()).await }
+        })
+    });
     let metrics = match state.config.metrics_listen.as_str() {
         "off" => None,
         a => {
@@ -252,6 +261,9 @@ pub async fn serve(
     }
     let _ = scheduler.await;
     if let Some(r) = retention {
+        let _ = r.await;
+    }
+    if let Some(r) = replication {
         let _ = r.await;
     }
     if let Some(m) = metrics {

@@ -49,7 +49,22 @@ pub fn attempt_info(a: &AttemptRow) -> pb::Attempt {
 }
 
 impl AdminApi {
-    fn status(&self, a: &AssetRow, last: Option<&AttemptRow>) -> pb::AssetStatus {
+    /// Copies holding every object of the asset: `local` once it has a snapshot, and each
+    /// target with nothing pending.
+    async fn copies(&self, a: &AssetRow) -> Result<Vec<String>> {
+        let mut present = Vec::new();
+        if a.snapshots > 0 {
+            present.push("local".to_string());
+            for (target, (done, pending, _)) in self.state.catalog.replication_state(&a.name).await? {
+                if done > 0 && pending == 0 {
+                    present.push(target);
+                }
+            }
+        }
+        Ok(present)
+    }
+
+    fn status(&self, a: &AssetRow, last: Option<&AttemptRow>, copies: Vec<String>) -> pb::AssetStatus {
         let now = coffer_common::time::unix_seconds(coffer_common::time::now());
         let policy = self.state.config.policy_for(&a.name);
         let expected = policy.expected_interval.map(|d| d.as_secs()).unwrap_or(0);
@@ -82,7 +97,7 @@ impl AdminApi {
             state: state.to_string(),
             schedule: policy.schedule.to_string(),
             last_attempt: last.map(attempt_info),
-            copies_present: if a.snapshots > 0 { vec!["local".to_string()] } else { Vec::new() },
+            copies_present: copies,
             copies_required: policy.copies.clone(),
             next_due_at: match next_due {
                 Some(i64::MIN) => coffer_common::time::rfc3339_millis(crate::scheduler::system_now_ms()),
@@ -97,7 +112,11 @@ impl AdminApi {
         self.state.authorize_admin(&req)?;
         let assets = self.state.catalog.assets().await?;
         let last = self.state.catalog.last_attempts().await?;
-        Ok(pb::ListAssetsResponse { assets: assets.iter().map(|a| self.status(a, last.get(&a.name))).collect() })
+        let mut out = Vec::with_capacity(assets.len());
+        for a in &assets {
+            out.push(self.status(a, last.get(&a.name), self.copies(a).await?));
+        }
+        Ok(pb::ListAssetsResponse { assets: out })
     }
 
     async fn asset_status_inner(&self, req: Request<pb::AssetStatusRequest>) -> Result<pb::AssetStatusResponse> {
@@ -109,7 +128,7 @@ impl AdminApi {
             .find(|a| &a.name == name)
             .ok_or_else(|| ServiceError::NotFound(format!("no asset {name:?}")))?;
         let last = self.state.catalog.last_attempts().await?;
-        Ok(pb::AssetStatusResponse { status: Some(self.status(a, last.get(name))) })
+        Ok(pb::AssetStatusResponse { status: Some(self.status(a, last.get(name), self.copies(a).await?)) })
     }
 
     async fn list_snapshots_inner(

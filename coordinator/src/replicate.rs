@@ -1,0 +1,289 @@
+//! Copies: the repository replicated to S3-compatible targets.
+//!
+//! A target holds the same layout as the local repository (`config.json`, `packs/`,
+//! `manifests/`, `keyrings/`, `agents/`) under its prefix, so any single copy is enough to
+//! rebuild from. The replication job scans the local repository, records every object each
+//! target must hold in the catalog's `replication` table (a persistent queue: it survives
+//! restarts, and the next scan refills anything missing), and uploads what is pending:
+//! everything else before manifest signatures, signatures before manifests, so a manifest
+//! never reaches a target before the packs it names. Objects of assets whose policy sets
+//! lock days are written with Object Lock retention until `now + lock days`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::primitives::{ByteStream, DateTime};
+use aws_sdk_s3::types::ObjectLockMode;
+use serde::Deserialize;
+
+use crate::service::Shared;
+
+/// `[targets.NAME]` in the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TargetConfig {
+    /// S3 endpoint URL (`https://s3.eu-west-1.amazonaws.com`, `http://127.0.0.1:9000`).
+    pub endpoint: String,
+    #[serde(default = "default_region")]
+    pub region: String,
+    pub bucket: String,
+    /// Key prefix inside the bucket (`coffer/` or empty).
+    #[serde(default)]
+    pub prefix: String,
+    /// Files holding the access key id and the secret key; without them the standard
+    /// `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` environment variables are used.
+    pub access_key_file: Option<PathBuf>,
+    pub secret_key_file: Option<PathBuf>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible servers need.
+    #[serde(default = "yes")]
+    pub path_style: bool,
+    /// Object Lock mode for locked assets: `compliance` (default) or `governance`.
+    #[serde(default = "default_lock_mode")]
+    pub lock_mode: String,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_lock_mode() -> String {
+    "compliance".into()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplicateError {
+    #[error("target {target}: {detail}")]
+    Config { target: String, detail: String },
+    #[error("target {target}: uploading {key}: {detail}")]
+    Upload { target: String, key: String, detail: String },
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl TargetConfig {
+    pub fn validate(&self, name: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        if name == "local" {
+            p.push("targets.local: `local` is the coordinator's own data directory, not a configurable target".into());
+        }
+        if !(self.endpoint.starts_with("http://") || self.endpoint.starts_with("https://")) {
+            p.push(format!("targets.{name}.endpoint: {:?} is not an http(s) URL", self.endpoint));
+        }
+        if self.bucket.is_empty() {
+            p.push(format!("targets.{name}.bucket: required"));
+        }
+        if self.access_key_file.is_some() != self.secret_key_file.is_some() {
+            p.push(format!("targets.{name}: access-key-file and secret-key-file go together"));
+        }
+        if !matches!(self.lock_mode.as_str(), "compliance" | "governance") {
+            p.push(format!("targets.{name}.lock-mode: {:?} is not compliance or governance", self.lock_mode));
+        }
+        p
+    }
+
+    fn credentials(&self, name: &str) -> Result<Credentials, ReplicateError> {
+        let err = |detail: String| ReplicateError::Config { target: name.to_string(), detail };
+        let (ak, sk) = match (&self.access_key_file, &self.secret_key_file) {
+            (Some(a), Some(s)) => (
+                std::fs::read_to_string(a).map_err(|e| err(format!("reading {}: {e}", a.display())))?,
+                std::fs::read_to_string(s).map_err(|e| err(format!("reading {}: {e}", s.display())))?,
+            ),
+            _ => (
+                std::env::var("AWS_ACCESS_KEY_ID").map_err(|_| {
+                    err("no credentials: set access-key-file/secret-key-file or AWS_ACCESS_KEY_ID".into())
+                })?,
+                std::env::var("AWS_SECRET_ACCESS_KEY").map_err(|_| err("AWS_SECRET_ACCESS_KEY is not set".into()))?,
+            ),
+        };
+        Ok(Credentials::new(ak.trim(), sk.trim(), None, None, "coffer-config"))
+    }
+
+    pub fn client(&self, name: &str) -> Result<aws_sdk_s3::Client, ReplicateError> {
+        use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+        let http =
+            aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(self.region.clone()))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(self.path_style)
+            .credentials_provider(self.credentials(name)?)
+            .http_client(http)
+            .build();
+        Ok(aws_sdk_s3::Client::from_conf(conf))
+    }
+}
+
+/// An object the repository holds: its key (relative, `/`-separated), the asset it belongs
+/// to (none for repository-wide files) and its upload order class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoObject {
+    pub key: String,
+    pub asset: Option<String>,
+    /// 0: everything else, 1: manifest signatures, 2: manifests.
+    pub order: i64,
+}
+
+/// Every object of the local repository (no `tmp/`), with the asset packs belong to from
+/// the catalog.
+pub fn scan(root: &Path, pack_assets: &BTreeMap<String, String>) -> std::io::Result<Vec<RepoObject>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let p = e?.path();
+            let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().replace('\\', "/");
+            if p.is_dir() {
+                if rel != "tmp" {
+                    stack.push(p);
+                }
+                continue;
+            }
+            if rel.ends_with(".tmp") || rel.starts_with('.') || rel.contains("/.") {
+                continue;
+            }
+            let (asset, order) = if let Some(rest) = rel.strip_prefix("manifests/") {
+                let asset = rest.rsplit_once('/').map(|(a, _)| a.to_string());
+                (asset, if rel.ends_with(".manifest.sig") { 1 } else { 2 })
+            } else if let Some(rest) = rel.strip_prefix("keyrings/") {
+                (rest.strip_suffix(".age").map(str::to_string), 0)
+            } else if let Some(rest) = rel.strip_prefix("packs/") {
+                let id = rest.rsplit('/').next().unwrap_or_default().trim_end_matches(".pack");
+                (pack_assets.get(id).cloned(), 0)
+            } else {
+                (None, 0)
+            };
+            out.push(RepoObject { key: rel, asset, order });
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+/// One replication pass: enqueue what each target lacks, then upload what is pending.
+pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
+    if state.config.targets.is_empty() {
+        return Ok(());
+    }
+    let pack_assets = state.catalog.pack_assets().await.map_err(|e| e.to_string())?;
+    let root = state.repo.root().to_path_buf();
+    let objects = tokio::task::spawn_blocking(move || scan(&root, &pack_assets))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("scanning the repository: {e}"))?;
+    let mut failures = Vec::new();
+    for (name, target) in &state.config.targets {
+        // Repository-wide objects go everywhere; an asset's objects go where its policy says.
+        let wanted: Vec<&RepoObject> = objects
+            .iter()
+            .filter(|o| o.asset.as_ref().is_none_or(|a| state.config.policy_for(a).copies.iter().any(|c| c == name)))
+            .collect();
+        for o in &wanted {
+            state
+                .catalog
+                .enqueue_replication(name, &o.key, o.asset.as_deref(), o.order, now_ms)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if let Err(e) = drain(state, name, target).await {
+            failures.push(e.to_string());
+        }
+    }
+    if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) }
+}
+
+async fn drain(state: &Shared, name: &str, target: &TargetConfig) -> Result<(), ReplicateError> {
+    let client = target.client(name)?;
+    let pending = state.catalog.pending_replication(name).await?;
+    // A manifest waits for everything else of its asset (its packs and signature).
+    let mut blocked: std::collections::HashSet<(Option<String>, i64)> = Default::default();
+    for item in &pending {
+        for order in (item.order + 1)..=2 {
+            blocked.insert((item.asset.clone(), order));
+        }
+    }
+    for item in pending {
+        if item.order > 0 && blocked.contains(&(item.asset.clone(), item.order)) {
+            continue;
+        }
+        let path = state.repo.root().join(&item.key);
+        let key = format!("{}{}", target.prefix, item.key);
+        let body = match ByteStream::from_path(&path).await {
+            Ok(b) => b,
+            Err(e) => {
+                // Gone locally (pruned meanwhile): nothing to copy.
+                if !path.exists() {
+                    state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms()).await?;
+                    continue;
+                }
+                return Err(ReplicateError::Upload { target: name.into(), key, detail: e.to_string() });
+            }
+        };
+        let mut put = client.put_object().bucket(&target.bucket).key(&key).body(body);
+        if let Some(asset) = &item.asset {
+            let days = state.config.policy_for(asset).lock_days;
+            if days > 0 {
+                let until = crate::scheduler::system_now_ms() / 1000 + i64::from(days) * 86_400;
+                let mode = if target.lock_mode == "governance" {
+                    ObjectLockMode::Governance
+                } else {
+                    ObjectLockMode::Compliance
+                };
+                put = put.object_lock_mode(mode).object_lock_retain_until_date(DateTime::from_secs(until));
+            }
+        }
+        match put.send().await {
+            Ok(_) => state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms()).await?,
+            Err(e) => {
+                let detail = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+                state.catalog.replication_failed(name, &item.key, &detail).await?;
+                return Err(ReplicateError::Upload { target: name.into(), key, detail });
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scan_orders_manifests_last_and_skips_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        for f in [
+            "config.json",
+            "packs/ab/abcd.pack",
+            "manifests/git/a/S1.manifest",
+            "manifests/git/a/S1.manifest.sig",
+            "keyrings/git/a.age",
+            "agents/git-1.pub",
+            "tmp/.x.tmp",
+        ] {
+            std::fs::create_dir_all(r.join(f).parent().unwrap()).unwrap();
+            std::fs::write(r.join(f), b"x").unwrap();
+        }
+        let packs: BTreeMap<String, String> = [("abcd".to_string(), "git/a".to_string())].into();
+        let got = scan(r, &packs).unwrap();
+        let keys: Vec<(&str, Option<&str>, i64)> =
+            got.iter().map(|o| (o.key.as_str(), o.asset.as_deref(), o.order)).collect();
+        assert_eq!(
+            keys,
+            [
+                ("agents/git-1.pub", None, 0),
+                ("config.json", None, 0),
+                ("keyrings/git/a.age", Some("git/a"), 0),
+                ("manifests/git/a/S1.manifest", Some("git/a"), 2),
+                ("manifests/git/a/S1.manifest.sig", Some("git/a"), 1),
+                ("packs/ab/abcd.pack", Some("git/a"), 0),
+            ]
+        );
+    }
+}
