@@ -131,3 +131,41 @@ fn is_pack_of(coord: &Coordinator, key: &str, asset: &str) -> bool {
     );
     out.trim() == asset
 }
+
+#[test]
+fn an_unreachable_target_keeps_local_backups_working_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let closed = kit::free_port();
+    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
+    let config = format!(
+        "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+         [policy.assets.\"git/a\"]\ncopies = [\"local\", \"offsite\"]\n\
+         [targets.offsite]\nendpoint = \"http://127.0.0.1:{closed}\"\nbucket = \"nowhere\"\n"
+    );
+    let coord = Coordinator::start_with_env(
+        dir,
+        &certs,
+        &config,
+        &[("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "y")],
+    );
+    let repo = kit::git_repo(&dir.join("src"), &[("a.txt", b"hello")]);
+    let out = kit::ok(
+        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
+            .arg("--work-dir")
+            .arg(dir.join("w"))
+            .arg("--repo")
+            .arg(&repo)
+            .arg("backup"),
+    );
+    assert!(out.starts_with("snapshot "), "the local backup succeeds: {out}");
+    kit::wait_for("the offsite failure in the status", Duration::from_secs(30), || {
+        let o =
+            coord.grpcurl(&certs, "admin-ops", &["-d", "{\"asset\":\"git/a\"}"], "coffer.v1.AdminService/AssetStatus");
+        let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).ok()?;
+        let summary = v["status"]["copiesSummary"].as_str()?.to_string();
+        (summary.starts_with("1/2: local; offsite pending") && summary.contains("last error")).then_some(summary)
+    });
+    let o = coord.grpcurl(&certs, "admin-ops", &["-d", "{}"], "coffer.v1.AdminService/ListJobs");
+    assert!(kit::stdout(&o).contains("offsite"), "the replication job names the failing target: {}", kit::stdout(&o));
+}

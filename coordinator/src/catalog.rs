@@ -120,6 +120,15 @@ pub struct BackupRow {
     pub bytes_stored: i64,
 }
 
+/// How far one copy target is with one asset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyState {
+    pub done: i64,
+    pub pending: i64,
+    pub oldest_pending_ms: Option<i64>,
+    pub last_error: Option<String>,
+}
+
 /// A backup attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptRow {
@@ -433,17 +442,37 @@ impl Catalog {
         Ok(())
     }
 
-    /// Per target, for one asset: (objects done, objects pending, oldest pending enqueue ms).
-    pub async fn replication_state(&self, asset: &str) -> Result<BTreeMap<String, (i64, i64, Option<i64>)>> {
+    /// Per target, for one asset: objects done and pending, the oldest pending one's
+    /// enqueue time, and the last upload error among pending ones.
+    pub async fn replication_state(&self, asset: &str) -> Result<BTreeMap<String, CopyState>> {
         Ok(sqlx::query(
-            "SELECT target, SUM(done_ms IS NOT NULL), SUM(done_ms IS NULL), MIN(CASE WHEN done_ms IS NULL THEN enqueued_ms END)
+            "SELECT target, SUM(done_ms IS NOT NULL), SUM(done_ms IS NULL),
+                    MIN(CASE WHEN done_ms IS NULL THEN enqueued_ms END),
+                    MAX(CASE WHEN done_ms IS NULL THEN last_error END)
              FROM replication WHERE asset = ? GROUP BY target",
         )
         .bind(asset)
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .map(|r| {
+            (
+                r.get(0),
+                CopyState { done: r.get(1), pending: r.get(2), oldest_pending_ms: r.get(3), last_error: r.get(4) },
+            )
+        })
+        .collect())
+    }
+
+    /// Per target, an upload error among its pending objects (any asset), if there is one.
+    pub async fn target_errors(&self) -> Result<BTreeMap<String, String>> {
+        Ok(sqlx::query(
+            "SELECT target, MAX(last_error) FROM replication WHERE done_ms IS NULL AND last_error IS NOT NULL GROUP BY target",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
         .collect())
     }
 

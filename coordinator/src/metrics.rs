@@ -79,7 +79,19 @@ pub async fn render(state: &Shared) -> Result<String, String> {
     let dedup = Family::<Labels, Gauge>::default();
     let snapshots = Family::<Labels, Gauge>::default();
     let rebuildable = Family::<Labels, Gauge>::default();
+    let copy_lag = Family::<Labels, FGauge>::default();
     for a in &assets {
+        let policy = state.config.policy_for(&a.name);
+        let copies = state.catalog.replication_state(&a.name).await.map_err(|e| e.to_string())?;
+        for target in policy.copies.iter().filter(|t| state.config.targets.contains_key(t.as_str())) {
+            let lag = copies
+                .get(target)
+                .and_then(|c| c.oldest_pending_ms)
+                .map_or(0.0, |t| ((now_ms - t).max(0) as f64) / 1000.0);
+            let mut l = asset_labels(&a.name, &a.kind);
+            l.push(("target".into(), target.clone()));
+            copy_lag.get_or_create(&l).set(lag);
+        }
         let l = asset_labels(&a.name, &a.kind);
         let policy = state.config.policy_for(&a.name);
         if let Some((_, at)) = &a.latest {
@@ -130,6 +142,11 @@ pub async fn render(state: &Shared) -> Result<String, String> {
     );
     reg.register("asset_snapshots", "Committed snapshots of the asset", snapshots);
     reg.register("asset_rebuildable", "1 when the asset's policy marks it rebuildable", rebuildable);
+    reg.register(
+        "asset_copy_lag_seconds",
+        "Age of the oldest object of the asset not yet copied to the target (0 when up to date)",
+        copy_lag,
+    );
 
     let job_up = Family::<Labels, Gauge>::default();
     let job_runs = Family::<Labels, Gauge>::default();

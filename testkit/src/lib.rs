@@ -77,6 +77,8 @@ pub struct Coordinator {
     pub log: PathBuf,
     /// Prefix command (e.g. `unshare ...`) used to start it.
     pub wrapper: Vec<String>,
+    /// Extra environment for the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Coordinator {
@@ -85,7 +87,21 @@ impl Coordinator {
         Self::start_wrapped(dir, certs, extra, &[])
     }
 
+    /// [`Coordinator::start`] with extra environment variables for the process.
+    pub fn start_with_env(dir: &Path, certs: &Path, extra: &str, env: &[(&str, &str)]) -> Coordinator {
+        let mut c = Self::configure(dir, certs, extra, &[]);
+        c.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        c.launch();
+        c
+    }
+
     pub fn start_wrapped(dir: &Path, certs: &Path, extra: &str, wrapper: &[&str]) -> Coordinator {
+        let mut c = Self::configure(dir, certs, extra, wrapper);
+        c.launch();
+        c
+    }
+
+    fn configure(dir: &Path, certs: &Path, extra: &str, wrapper: &[&str]) -> Coordinator {
         let data_dir = dir.join("coffer-data");
         let config = dir.join("coordinator.toml");
         std::fs::write(
@@ -99,7 +115,7 @@ impl Coordinator {
             ),
         )
         .expect("writing coordinator config");
-        let mut c = Coordinator {
+        Coordinator {
             child: None,
             url: String::new(),
             port: 0,
@@ -108,9 +124,8 @@ impl Coordinator {
             data_dir,
             log: dir.join("coordinator.log"),
             wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
-        };
-        c.launch();
-        c
+            env: Vec::new(),
+        }
     }
 
     fn launch(&mut self) {
@@ -127,6 +142,7 @@ impl Coordinator {
             cmd.args(["--listen", &format!("127.0.0.1:{}", self.port)]);
         }
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log file");
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut child = cmd
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -7,6 +7,13 @@ use tonic::{Request, Response, Status};
 use super::{Result, ServiceError, Shared, blocking, snapshot_info};
 use crate::catalog::{AssetRow, AttemptRow};
 
+#[derive(Debug, Default)]
+struct Copies {
+    present: Vec<String>,
+    summary: String,
+    lag: std::collections::BTreeMap<String, u64>,
+}
+
 pub struct AdminApi {
     pub state: Shared,
 }
@@ -49,22 +56,52 @@ pub fn attempt_info(a: &AttemptRow) -> pb::Attempt {
 }
 
 impl AdminApi {
-    /// Copies holding every object of the asset: `local` once it has a snapshot, and each
-    /// target with nothing pending.
-    async fn copies(&self, a: &AssetRow) -> Result<Vec<String>> {
-        let mut present = Vec::new();
+    /// Copies holding every object of the asset (`local` once it has a snapshot, each
+    /// target with nothing pending), a one-line summary, and each required target's lag.
+    async fn copies(&self, a: &AssetRow) -> Result<Copies> {
+        let policy = self.state.config.policy_for(&a.name);
+        let states = self.state.catalog.replication_state(&a.name).await?;
+        let target_errors = self.state.catalog.target_errors().await?;
+        let now = crate::scheduler::system_now_ms();
+        let mut c = Copies::default();
         if a.snapshots > 0 {
-            present.push("local".to_string());
-            for (target, (done, pending, _)) in self.state.catalog.replication_state(&a.name).await? {
-                if done > 0 && pending == 0 {
-                    present.push(target);
+            c.present.push("local".to_string());
+        }
+        let mut notes = Vec::new();
+        for name in policy.copies.iter().filter(|n| n.as_str() != "local") {
+            match (self.state.config.targets.contains_key(name), states.get(name)) {
+                (false, _) => notes.push(format!("{name} not configured")),
+                (true, Some(s)) if s.done > 0 && s.pending == 0 => {
+                    c.present.push(name.clone());
+                    c.lag.insert(name.clone(), 0);
                 }
+                (true, Some(s)) if s.pending > 0 => {
+                    let age = ((now - s.oldest_pending_ms.unwrap_or(now)) / 1000).max(0) as u64;
+                    c.lag.insert(name.clone(), age);
+                    let err = s
+                        .last_error
+                        .as_deref()
+                        .or(target_errors.get(name).map(String::as_str))
+                        .map(|e| format!(" (last error: {e})"))
+                        .unwrap_or_default();
+                    notes.push(format!(
+                        "{name} pending {}{err}",
+                        coffer_common::units::format_duration(std::time::Duration::from_secs(age))
+                    ));
+                }
+                (true, _) => notes.push(format!("{name} pending")),
             }
         }
-        Ok(present)
+        let mut summary = format!("{}/{}: {}", c.present.len(), policy.copies.len(), c.present.join(", "));
+        if !notes.is_empty() {
+            summary.push_str("; ");
+            summary.push_str(&notes.join("; "));
+        }
+        c.summary = summary;
+        Ok(c)
     }
 
-    fn status(&self, a: &AssetRow, last: Option<&AttemptRow>, copies: Vec<String>) -> pb::AssetStatus {
+    fn status(&self, a: &AssetRow, last: Option<&AttemptRow>, copies: Copies) -> pb::AssetStatus {
         let now = coffer_common::time::unix_seconds(coffer_common::time::now());
         let policy = self.state.config.policy_for(&a.name);
         let expected = policy.expected_interval.map(|d| d.as_secs()).unwrap_or(0);
@@ -97,7 +134,9 @@ impl AdminApi {
             state: state.to_string(),
             schedule: policy.schedule.to_string(),
             last_attempt: last.map(attempt_info),
-            copies_present: copies,
+            copies_present: copies.present,
+            copies_summary: copies.summary,
+            copy_lag_seconds: copies.lag.into_iter().collect(),
             copies_required: policy.copies.clone(),
             next_due_at: match next_due {
                 Some(i64::MIN) => coffer_common::time::rfc3339_millis(crate::scheduler::system_now_ms()),
