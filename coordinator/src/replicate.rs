@@ -198,56 +198,76 @@ pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
     if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) }
 }
 
+/// After this many failed uploads in a row a pass gives up on the target (it is likely
+/// down or refusing us); the next pass tries again.
+const GIVE_UP_AFTER: usize = 3;
+
 async fn drain(state: &Shared, name: &str, target: &TargetConfig) -> Result<(), ReplicateError> {
     let client = target.client(name)?;
     let pending = state.catalog.pending_replication(name).await?;
-    // A manifest waits for everything else of its asset (its packs and signature).
+    // A signature waits for everything else of its asset, a manifest also for its signature.
     let mut blocked: std::collections::HashSet<(Option<String>, i64)> = Default::default();
     for item in &pending {
         for order in (item.order + 1)..=2 {
             blocked.insert((item.asset.clone(), order));
         }
     }
+    let (mut failed_in_a_row, mut first_error) = (0usize, None);
     for item in pending {
         if item.order > 0 && blocked.contains(&(item.asset.clone(), item.order)) {
             continue;
         }
-        let path = state.repo.root().join(&item.key);
-        let key = format!("{}{}", target.prefix, item.key);
-        let body = match ByteStream::from_path(&path).await {
-            Ok(b) => b,
+        match upload(state, name, target, &client, &item).await {
+            Ok(()) => failed_in_a_row = 0,
             Err(e) => {
-                // Gone locally (pruned meanwhile): nothing to copy.
-                if !path.exists() {
-                    state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms()).await?;
-                    continue;
+                tracing::warn!(target = name, key = %item.key, "replication: {e}");
+                first_error.get_or_insert(e);
+                failed_in_a_row += 1;
+                if failed_in_a_row >= GIVE_UP_AFTER {
+                    break;
                 }
-                return Err(ReplicateError::Upload { target: name.into(), key, detail: e.to_string() });
-            }
-        };
-        let mut put = client.put_object().bucket(&target.bucket).key(&key).body(body);
-        if let Some(asset) = &item.asset {
-            let days = state.config.policy_for(asset).lock_days;
-            if days > 0 {
-                let until = crate::scheduler::system_now_ms() / 1000 + i64::from(days) * 86_400;
-                let mode = if target.lock_mode == "governance" {
-                    ObjectLockMode::Governance
-                } else {
-                    ObjectLockMode::Compliance
-                };
-                put = put.object_lock_mode(mode).object_lock_retain_until_date(DateTime::from_secs(until));
-            }
-        }
-        match put.send().await {
-            Ok(_) => state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms()).await?,
-            Err(e) => {
-                let detail = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
-                state.catalog.replication_failed(name, &item.key, &detail).await?;
-                return Err(ReplicateError::Upload { target: name.into(), key, detail });
             }
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn upload(
+    state: &Shared,
+    name: &str,
+    target: &TargetConfig,
+    client: &aws_sdk_s3::Client,
+    item: &RepoObject,
+) -> Result<(), ReplicateError> {
+    let path = state.repo.root().join(&item.key);
+    let key = format!("{}{}", target.prefix, item.key);
+    let body = match ByteStream::from_path(&path).await {
+        Ok(b) => b,
+        // Gone locally (pruned meanwhile): nothing to copy.
+        Err(_) if !path.exists() => {
+            state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms()).await?;
+            return Ok(());
+        }
+        Err(e) => return Err(ReplicateError::Upload { target: name.into(), key, detail: e.to_string() }),
+    };
+    let mut put = client.put_object().bucket(&target.bucket).key(&key).body(body);
+    if let Some(asset) = &item.asset {
+        let days = state.config.policy_for(asset).lock_days;
+        if days > 0 {
+            let until = crate::scheduler::system_now_ms() / 1000 + i64::from(days) * 86_400;
+            let mode =
+                if target.lock_mode == "governance" { ObjectLockMode::Governance } else { ObjectLockMode::Compliance };
+            put = put.object_lock_mode(mode).object_lock_retain_until_date(DateTime::from_secs(until));
+        }
+    }
+    match put.send().await {
+        Ok(_) => Ok(state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms()).await?),
+        Err(e) => {
+            let detail = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+            state.catalog.replication_failed(name, &item.key, &detail).await?;
+            Err(ReplicateError::Upload { target: name.into(), key, detail })
+        }
+    }
 }
 
 #[cfg(test)]
