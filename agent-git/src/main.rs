@@ -34,6 +34,12 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
         let repo = cli.repo.clone().ok_or_else(|| {
             cli::CliError::Source(coffer_common::runtime::SourceError::Failed(format!("--repo is required for {what}")))
         })?;
+        // A relative local path means relative to where the agent was started, not to the
+        // work directory git runs in.
+        let repo = match std::fs::canonicalize(&repo) {
+            Ok(abs) if std::path::Path::new(&repo).is_relative() => abs.to_string_lossy().into_owned(),
+            _ => repo,
+        };
         Ok::<_, cli::CliError>(source::GitSource {
             repo,
             work_dir: cli.work_dir.clone(),

@@ -195,7 +195,17 @@ pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
             failures.push(e.to_string());
         }
     }
-    if failures.is_empty() { Ok(()) } else { Err(failures.join("; ")) }
+    // One unreachable target must not slow the others down with the runner's backoff: the
+    // job reports a failure (and backs off) only when no target could be served. Each
+    // target's errors stay visible per object in the queue and in the asset status.
+    if failures.is_empty() || failures.len() < state.config.targets.len() {
+        for f in &failures {
+            tracing::warn!("replication: {f}");
+        }
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }
 
 /// After this many failed uploads in a row a pass gives up on the target (it is likely
@@ -204,22 +214,21 @@ const GIVE_UP_AFTER: usize = 3;
 
 async fn drain(state: &Shared, name: &str, target: &TargetConfig) -> Result<(), ReplicateError> {
     let client = target.client(name)?;
+    // In upload order (everything else, then signatures, then manifests): an item waits
+    // while an earlier-class item of its asset is still not copied after being tried in
+    // this pass, so a manifest never goes before its packs and signature.
     let pending = state.catalog.pending_replication(name).await?;
-    // A signature waits for everything else of its asset, a manifest also for its signature.
-    let mut blocked: std::collections::HashSet<(Option<String>, i64)> = Default::default();
-    for item in &pending {
-        for order in (item.order + 1)..=2 {
-            blocked.insert((item.asset.clone(), order));
-        }
-    }
+    let mut unfinished: std::collections::HashSet<(Option<String>, i64)> = Default::default();
     let (mut failed_in_a_row, mut first_error) = (0usize, None);
     for item in pending {
-        if item.order > 0 && blocked.contains(&(item.asset.clone(), item.order)) {
+        if (0..item.order).any(|o| unfinished.contains(&(item.asset.clone(), o))) {
+            unfinished.insert((item.asset.clone(), item.order));
             continue;
         }
         match upload(state, name, target, &client, &item).await {
             Ok(()) => failed_in_a_row = 0,
             Err(e) => {
+                unfinished.insert((item.asset.clone(), item.order));
                 tracing::warn!(target = name, key = %item.key, "replication: {e}");
                 first_error.get_or_insert(e);
                 failed_in_a_row += 1;
@@ -263,9 +272,39 @@ async fn upload(
     match put.send().await {
         Ok(_) => Ok(state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms()).await?),
         Err(e) => {
-            let detail = aws_sdk_s3::error::DisplayErrorContext(&e).to_string();
+            let detail = brief(&e);
             state.catalog.replication_failed(name, &item.key, &detail).await?;
             Err(ReplicateError::Upload { target: name.into(), key, detail })
+        }
+    }
+}
+
+/// An S3 error in one line: the service's code and message, or the chain of causes of a
+/// failure to reach it (the SDK's full context is a page of debug output).
+fn brief<E>(e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> String
+where
+    E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    use aws_sdk_s3::error::SdkError;
+    match e {
+        SdkError::ServiceError(se) => {
+            let err = se.err();
+            format!(
+                "{} ({}, HTTP {})",
+                err.message().unwrap_or("no message"),
+                err.code().unwrap_or("unknown error"),
+                se.raw().status().as_u16()
+            )
+        }
+        other => {
+            let mut s = other.to_string();
+            let mut src = std::error::Error::source(other);
+            while let Some(x) = src {
+                s.push_str(": ");
+                s.push_str(&x.to_string());
+                src = x.source();
+            }
+            s
         }
     }
 }

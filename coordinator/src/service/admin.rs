@@ -92,7 +92,8 @@ impl AdminApi {
                 (true, _) => notes.push(format!("{name} pending")),
             }
         }
-        let mut summary = format!("{}/{}: {}", c.present.len(), policy.copies.len(), c.present.join(", "));
+        let present = if c.present.is_empty() { "none".to_string() } else { c.present.join(", ") };
+        let mut summary = format!("{}/{}: {present}", c.present.len(), policy.copies.len());
         if !notes.is_empty() {
             summary.push_str("; ");
             summary.push_str(&notes.join("; "));
