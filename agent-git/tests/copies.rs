@@ -169,3 +169,72 @@ fn an_unreachable_target_keeps_local_backups_working_and_says_why() {
     let o = coord.grpcurl(&certs, "admin-ops", &["-d", "{}"], "coffer.v1.AdminService/ListJobs");
     assert!(kit::stdout(&o).contains("offsite"), "the replication job names the failing target: {}", kit::stdout(&o));
 }
+
+#[test]
+fn a_new_coordinator_rebuilt_from_the_copy_alone_restores_and_names_a_tampered_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_moto, port) = moto(dir);
+    s3(port, "s3.create_bucket(Bucket='offsite')");
+    std::fs::write(dir.join("ak"), "test").unwrap();
+    std::fs::write(dir.join("sk"), "test").unwrap();
+    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
+    let target = format!(
+        "[targets.offsite]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"offsite\"\n\
+         access-key-file = {:?}\nsecret-key-file = {:?}\n",
+        dir.join("ak"),
+        dir.join("sk")
+    );
+    let first = dir.join("first");
+    std::fs::create_dir_all(&first).unwrap();
+    let config = format!(
+        "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+         [policy.assets.\"git/a\"]\ncopies = [\"local\", \"offsite\"]\n{target}"
+    );
+    let coord = Coordinator::start(&first, &certs, &config);
+    let repo = kit::git_repo(&dir.join("src"), &[("a.txt", b"hello")]);
+    let agent = |c: &Coordinator| {
+        let mut cmd = kit::agent("agent-git", c, &certs, "git-1", dir, "git/a");
+        cmd.arg("--work-dir").arg(dir.join("work")).arg("--repo").arg(&repo);
+        cmd
+    };
+    let (good, _, _) = kit::backup_line(&kit::ok(agent(&coord).arg("backup")));
+    let refs_at_good = kit::refs(&repo);
+    kit::commit(&repo, &[("b.txt", b"second")], "second");
+    let (bad, _, _) = kit::backup_line(&kit::ok(agent(&coord).arg("backup")));
+    kit::wait_for("both manifests copied", Duration::from_secs(60), || {
+        let listed = s3(port, "for o in s3.list_objects_v2(Bucket='offsite').get('Contents', []): print(o['Key'])");
+        (listed.contains(&format!("{good}.manifest\n")) && listed.contains(&format!("{bad}.manifest\n"))).then_some(())
+    });
+    // Someone with write access to the bucket alters the second manifest.
+    s3(
+        port,
+        &format!(
+            "k = 'manifests/git/a/{bad}.manifest'\nb = s3.get_object(Bucket='offsite', Key=k)['Body'].read()\n\
+             i = b.index(b'\"sha256\":\"') + 10\n\
+             b = b[:i] + (b'0' if b[i:i+1] != b'0' else b'1') + b[i+1:]\n\
+             s3.put_object(Bucket='offsite', Key=k, Body=b)"
+        ),
+    );
+    drop(coord);
+
+    // A new coordinator somewhere else: only the bucket, its credentials and the config.
+    let second = dir.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let mut fresh = Coordinator::prepare(&second, &certs, &format!("[agents.git-1]\nassets = [\"git/*\"]\n{target}"));
+    let o = kit::run(
+        Command::new(kit::bin("coordinator")).args(["rebuild", "--from", "offsite", "--config"]).arg(&fresh.config),
+    );
+    let out = kit::stdout(&o);
+    assert_eq!(o.status.code(), Some(2), "a rejected manifest makes rebuild exit 2: {out}{}", kit::stderr(&o));
+    assert!(out.contains("recorded 1 snapshots"), "{out}");
+    let rejected =
+        out.lines().find(|l| l.starts_with(&format!("REJECTED git/a {bad}"))).unwrap_or_else(|| panic!("{out}"));
+    assert!(rejected.contains("signature"), "rejected for its signature: {rejected}");
+    fresh.launch();
+    let list = kit::ok(agent(&fresh).arg("list"));
+    assert!(list.contains(&good) && !list.contains(&bad), "{list}");
+    let to = dir.join("restored.git");
+    kit::ok(agent(&fresh).args(["restore", "--snapshot", &good]).arg("--to").arg(&to));
+    assert_eq!(kit::refs(&to), refs_at_good);
+}

@@ -58,6 +58,16 @@ enum Cmd {
         #[arg(long)]
         asset: Option<String>,
     },
+    /// Build a new coordinator's repository and catalog from one copy target alone (DR):
+    /// download the target's objects into an empty data directory, then index every pack
+    /// and record every manifest whose signature verifies.
+    Rebuild {
+        #[command(flatten)]
+        common: Common,
+        /// The copy target to rebuild from (a `[targets.NAME]` in the config).
+        #[arg(long)]
+        from: String,
+    },
     /// The retention matrix as this coordinator applies it.
     Policy {
         #[command(subcommand)]
@@ -145,6 +155,47 @@ fn main() -> anyhow::Result<()> {
                 catalog.close().await;
                 print!("{}", coffer_coordinator::prune::render(&report?, apply));
                 anyhow::Ok(())
+            })
+        }
+        Cmd::Rebuild { common, from } => {
+            let (config, data_dir) = load(&common)?;
+            let _t = telemetry::init("coffer-coordinator", config.log_format.unwrap_or_default());
+            let target = config
+                .targets
+                .get(&from)
+                .ok_or_else(|| anyhow::anyhow!("no copy target {from:?} in the config ([targets.{from}])"))?
+                .clone();
+            std::fs::create_dir_all(&data_dir)?;
+            let _lock = coffer_coordinator::server::lock_data_dir(&data_dir)?;
+            let root = data_dir.join("repo");
+            if data_dir.join("catalog.db").exists() || root.join("config.json").exists() {
+                anyhow::bail!(
+                    "{} already holds a repository or catalog; rebuild into an empty data directory",
+                    data_dir.display()
+                );
+            }
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async {
+                let n = coffer_coordinator::replicate::download_all(&from, &target, &root).await?;
+                println!("fetched {n} objects from {from} ({}/{})", target.bucket, target.prefix);
+                // Keys pinned in the config win over the copy's (a tampered copy could
+                // carry a forger's key).
+                for (agent, grant) in &config.agents {
+                    if let Some(key) = &grant.signing_key {
+                        let p = root.join("agents").join(format!("{agent}.pub"));
+                        std::fs::create_dir_all(root.join("agents"))?;
+                        std::fs::write(&p, format!("{}\n", key.trim()))?;
+                    }
+                }
+                let repo = coffer_coordinator::store::Repo::open(&root)?;
+                let catalog = coffer_coordinator::catalog::Catalog::open(&data_dir.join("catalog.db")).await?;
+                let report = coffer_coordinator::server::reconcile(&repo, &catalog).await?;
+                catalog.close().await;
+                println!("indexed {} packs, recorded {} snapshots", report.packs_indexed, report.snapshots_recorded);
+                for (asset, snap, why) in &report.rejected {
+                    println!("REJECTED {asset} {snap}: {why}");
+                }
+                if report.rejected.is_empty() { anyhow::Ok(()) } else { std::process::exit(2) }
             })
         }
         Cmd::Policy { cmd: PolicyCmd::Show { common } } => {

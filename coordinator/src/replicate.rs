@@ -279,6 +279,62 @@ async fn upload(
     }
 }
 
+/// Copies every object under the target's prefix into `repo_root` (the repository layout),
+/// each written atomically. Returns how many objects were fetched.
+pub async fn download_all(name: &str, target: &TargetConfig, repo_root: &Path) -> Result<usize, ReplicateError> {
+    let client = target.client(name)?;
+    let tmp = repo_root.join("tmp");
+    std::fs::create_dir_all(&tmp).map_err(crate::store::StoreError::io(format!("creating {}", tmp.display())))?;
+    let mut fetched = 0;
+    let mut token = None;
+    loop {
+        let page = client
+            .list_objects_v2()
+            .bucket(&target.bucket)
+            .prefix(&target.prefix)
+            .set_continuation_token(token.take())
+            .send()
+            .await
+            .map_err(|e| ReplicateError::Upload {
+                target: name.into(),
+                key: target.prefix.clone(),
+                detail: brief(&e),
+            })?;
+        for obj in page.contents() {
+            let Some(key) = obj.key() else { continue };
+            let rel = key.strip_prefix(&target.prefix).unwrap_or(key);
+            if rel.is_empty() || rel.split('/').any(|c| c == ".." || c.is_empty()) {
+                continue;
+            }
+            let got =
+                client.get_object().bucket(&target.bucket).key(key).send().await.map_err(|e| {
+                    ReplicateError::Upload { target: name.into(), key: key.to_string(), detail: brief(&e) }
+                })?;
+            let bytes = got
+                .body
+                .collect()
+                .await
+                .map_err(|e| ReplicateError::Upload {
+                    target: name.into(),
+                    key: key.to_string(),
+                    detail: e.to_string(),
+                })?
+                .into_bytes();
+            let dest = repo_root.join(rel);
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(crate::store::StoreError::io(format!("creating {}", dir.display())))?;
+            }
+            crate::store::write_atomic(&tmp, &dest, &bytes)?;
+            fetched += 1;
+        }
+        match page.next_continuation_token() {
+            Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+            _ => return Ok(fetched),
+        }
+    }
+}
+
 /// An S3 error in one line: the service's code and message, or the chain of causes of a
 /// failure to reach it (the SDK's full context is a page of debug output).
 fn brief<E>(e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> String

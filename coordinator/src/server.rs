@@ -64,10 +64,21 @@ pub fn tls_files(config: &Config, data_dir: &Path) -> Result<TlsFiles, ServeErro
     Ok(files)
 }
 
-/// Brings the catalog in line with the repository after a crash: backups left open are
-/// aborted, sealed packs missing from the catalog are indexed, and committed manifests
-/// missing from the catalog are recorded.
-pub async fn reconcile(repo: &Repo, catalog: &Catalog) -> Result<(), ServeError> {
+/// What reconciliation changed in the catalog.
+#[derive(Debug, Default)]
+pub struct ReconcileReport {
+    pub packs_indexed: usize,
+    pub snapshots_recorded: usize,
+    /// Manifests on disk left out: (asset, snapshot, why).
+    pub rejected: Vec<(String, String, String)>,
+}
+
+/// Brings the catalog in line with the repository after a crash (or builds it from a
+/// repository copied from a target): backups left open are aborted, sealed packs missing
+/// from the catalog are indexed, and committed manifests missing from the catalog are
+/// recorded once their signature verifies against the signer's registered key.
+pub async fn reconcile(repo: &Repo, catalog: &Catalog) -> Result<ReconcileReport, ServeError> {
+    let mut report = ReconcileReport::default();
     let aborted = catalog.abort_open_backups("coordinator restarted before the backup was committed").await?;
     let failed = catalog
         .fail_running_attempts("coordinator restarted during the attempt", crate::scheduler::system_now_ms())
@@ -95,16 +106,21 @@ pub async fn reconcile(repo: &Repo, catalog: &Catalog) -> Result<(), ServeError>
         let asset_id = catalog.ensure_asset(&asset, &kind).await?;
         catalog.index_pack(&pack::SealedPack { id: id.clone(), asset, size, entries }, asset_id, None).await?;
         tracing::info!(pack = %id, "indexed a sealed pack the catalog did not know");
+        report.packs_indexed += 1;
     }
     for (asset, snapshot) in repo.list_manifests()? {
         if catalog.snapshot(&snapshot).await?.is_some() {
             continue;
         }
-        if let Err(e) = recover_snapshot(repo, catalog, &asset, &snapshot).await {
-            tracing::error!(%asset, %snapshot, "manifest on disk left out of the catalog: {e}");
+        match recover_snapshot(repo, catalog, &asset, &snapshot).await {
+            Ok(()) => report.snapshots_recorded += 1,
+            Err(e) => {
+                tracing::error!(%asset, %snapshot, "manifest on disk left out of the catalog: {e}");
+                report.rejected.push((asset, snapshot, e));
+            }
         }
     }
-    Ok(())
+    Ok(report)
 }
 
 async fn recover_snapshot(repo: &Repo, catalog: &Catalog, asset: &str, snapshot: &str) -> Result<(), String> {
@@ -164,7 +180,13 @@ pub async fn serve(
 
     let repo = Repo::open(&data_dir.join("repo"))?;
     let catalog = Catalog::open(&data_dir.join("catalog.db")).await?;
-    reconcile(&repo, &catalog).await?;
+    let report = reconcile(&repo, &catalog).await?;
+    if !report.rejected.is_empty() {
+        tracing::warn!(
+            count = report.rejected.len(),
+            "manifests on disk are not in the catalog (see the errors above)"
+        );
+    }
     let grace = config.shutdown_grace;
     let state = Arc::new(State::new(config, repo, catalog.clone()));
     let scheduler = {

@@ -101,6 +101,11 @@ impl Coordinator {
         c
     }
 
+    /// Writes the config like [`Coordinator::start`] but does not start it (`launch` does).
+    pub fn prepare(dir: &Path, certs: &Path, extra: &str) -> Coordinator {
+        Self::configure(dir, certs, extra, &[])
+    }
+
     fn configure(dir: &Path, certs: &Path, extra: &str, wrapper: &[&str]) -> Coordinator {
         let data_dir = dir.join("coffer-data");
         let config = dir.join("coordinator.toml");
@@ -128,7 +133,8 @@ impl Coordinator {
         }
     }
 
-    fn launch(&mut self) {
+    /// Starts the process (again) and waits until it listens.
+    pub fn launch(&mut self) {
         let mut cmd = match self.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
