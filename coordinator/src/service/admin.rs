@@ -41,6 +41,17 @@ pub fn freshness(age_s: Option<u64>, expected_s: u64) -> (&'static str, f64) {
     }
 }
 
+/// [`freshness`], and a copy that falls behind by more than the expected interval makes an
+/// otherwise fresh asset late.
+pub fn asset_state(age_s: Option<u64>, expected_s: u64, copy_lags: impl Iterator<Item = u64>) -> (&'static str, f64) {
+    let (state, ratio) = freshness(age_s, expected_s);
+    let mut lags = copy_lags;
+    if state == "ok" && expected_s > 0 && lags.any(|lag| lag > expected_s) {
+        return ("late", ratio);
+    }
+    (state, ratio)
+}
+
 pub fn attempt_info(a: &AttemptRow) -> pb::Attempt {
     pb::Attempt {
         job_id: a.job_id.clone(),
@@ -114,7 +125,7 @@ impl AdminApi {
             ),
             None => (String::new(), String::new(), None),
         };
-        let (state, ratio) = freshness(age, expected);
+        let (state, ratio) = asset_state(age, expected, copies.lag.values().copied());
         let next_due = crate::scheduler::next_due_ms(
             &a.name,
             &policy,
@@ -392,4 +403,26 @@ impl AdminService for AdminApi {
 
 pub fn service(state: Shared) -> pb::admin_service_server::AdminServiceServer<AdminApi> {
     pb::admin_service_server::AdminServiceServer::new(AdminApi { state })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freshness_and_copy_lag() {
+        assert_eq!(freshness(None, 0).0, "unscheduled");
+        assert_eq!(freshness(None, 3600).0, "stale");
+        assert_eq!(freshness(Some(3600), 3600).0, "ok");
+        assert_eq!(freshness(Some(3601), 3600).0, "late");
+        assert_eq!(freshness(Some(7201), 3600).0, "stale");
+        assert_eq!(asset_state(Some(10), 3600, [0, 3600].into_iter()).0, "ok");
+        assert_eq!(
+            asset_state(Some(10), 3600, [0, 3601].into_iter()).0,
+            "late",
+            "a copy behind by more than the interval"
+        );
+        assert_eq!(asset_state(Some(7201), 3600, [4000].into_iter()).0, "stale", "stale stays stale");
+        assert_eq!(asset_state(Some(10), 0, [99_999].into_iter()).0, "unscheduled");
+    }
 }
