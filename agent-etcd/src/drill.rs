@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use coffer_common::runtime::cli::{AgentContext, DrillReport};
+use coffer_common::runtime::command::free_loopback_port;
 use coffer_common::runtime::{SnapshotReader, SourceError};
 use etcd_client::{Client, GetOptions};
 use serde_json::Value;
@@ -30,11 +31,6 @@ impl Drop for Scratch {
     }
 }
 
-fn free_port() -> Result<u16, SourceError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(SourceError::io("finding a free port"))?;
-    l.local_addr().map(|a| a.port()).map_err(SourceError::io("finding a free port"))
-}
-
 /// `restore_tool` is `etcdctl` (3.4: `ETCDCTL_API=3 etcdctl snapshot restore`) or `etcdutl`.
 pub async fn drill(
     ctx: &AgentContext,
@@ -45,7 +41,7 @@ pub async fn drill(
     let started = Instant::now();
     let reader =
         SnapshotReader::open(&ctx.coord, &ctx.keyring, &ctx.asset, snapshot, ctx.args.restore_options()).await?;
-    let dir = std::env::temp_dir().join(format!("coffer-etcd-drill-{}-{}", std::process::id(), free_port()?));
+    let dir = std::env::temp_dir().join(format!("coffer-etcd-drill-{}-{}", std::process::id(), free_loopback_port()?));
     std::fs::create_dir_all(&dir).map_err(SourceError::io(format!("creating {}", dir.display())))?;
     let mut scratch = Scratch { dir: dir.clone(), etcd: None };
     let file = dir.join("snapshot.db");
@@ -53,7 +49,7 @@ pub async fn drill(
     reader.finish();
     let m = reader.manifest().clone();
 
-    let (client_port, peer_port) = (free_port()?, free_port()?);
+    let (client_port, peer_port) = (free_loopback_port()?, free_loopback_port()?);
     let peer = format!("http://127.0.0.1:{peer_port}");
     let client_url = format!("http://127.0.0.1:{client_port}");
     let data = dir.join("data");

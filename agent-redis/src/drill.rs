@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use coffer_common::runtime::cli::{AgentContext, DrillReport};
+use coffer_common::runtime::command::free_loopback_port;
 use coffer_common::runtime::{SnapshotReader, SourceError};
 use serde_json::Value;
 
@@ -33,7 +34,7 @@ impl Drop for TempServer {
 impl TempServer {
     /// A directory for the server's `dump.rdb` (write it there, then `start`).
     pub fn dir() -> Result<PathBuf, SourceError> {
-        let dir = std::env::temp_dir().join(format!("coffer-redis-{}-{}", std::process::id(), free_port()?));
+        let dir = std::env::temp_dir().join(format!("coffer-redis-{}-{}", std::process::id(), free_loopback_port()?));
         std::fs::create_dir_all(&dir).map_err(SourceError::io(format!("creating {}", dir.display())))?;
         Ok(dir)
     }
@@ -41,7 +42,7 @@ impl TempServer {
     /// Starts `redis_server` on `dir/dump.rdb` (AOF and saving off; replicas it serves sync
     /// at once, diskless) and waits until it answers PING (the RDB is loaded).
     pub fn start(redis_server: &str, dir: PathBuf) -> Result<TempServer, SourceError> {
-        let port = free_port()?;
+        let port = free_loopback_port()?;
         let child = Command::new(redis_server)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--dir"])
             .arg(&dir)
@@ -69,11 +70,6 @@ impl TempServer {
     pub fn url(&self) -> RedisUrl {
         RedisUrl { host: "127.0.0.1".into(), port: self.port, user: None, password: None }
     }
-}
-
-fn free_port() -> Result<u16, SourceError> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(SourceError::io("finding a free port"))?;
-    l.local_addr().map(|a| a.port()).map_err(SourceError::io("finding a free port"))
 }
 
 pub async fn drill(ctx: &AgentContext, snapshot: &str, redis_server: &str) -> Result<DrillReport, SourceError> {

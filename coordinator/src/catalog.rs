@@ -409,6 +409,17 @@ impl Catalog {
         Ok(())
     }
 
+    /// Every object key recorded for `target` (copied or not).
+    pub async fn replication_keys(&self, target: &str) -> Result<std::collections::HashSet<String>> {
+        Ok(sqlx::query("SELECT key FROM replication WHERE target = ?")
+            .bind(target)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
     /// Objects `target` still lacks, in upload order.
     pub async fn pending_replication(&self, target: &str) -> Result<Vec<crate::replicate::RepoObject>> {
         Ok(sqlx::query(

@@ -364,12 +364,17 @@ rebuildable = false
 drill = "none"
 "#;
 
-fn built_in() -> PolicyConfig {
-    toml::from_str(BUILT_IN).expect("the built-in policy parses")
+/// Parsed once: policies are resolved on every scheduler tick, scrape and replication pass.
+fn built_in() -> &'static PolicyConfig {
+    static PARSED: std::sync::LazyLock<PolicyConfig> =
+        std::sync::LazyLock::new(|| toml::from_str(BUILT_IN).expect("the built-in policy parses"));
+    &PARSED
 }
 
-fn fallback() -> PolicyOverride {
-    toml::from_str(FALLBACK).expect("the fallback policy parses")
+fn fallback() -> &'static PolicyOverride {
+    static PARSED: std::sync::LazyLock<PolicyOverride> =
+        std::sync::LazyLock::new(|| toml::from_str(FALLBACK).expect("the fallback policy parses"));
+    &PARSED
 }
 
 impl PolicyOverride {
@@ -394,8 +399,7 @@ impl PolicyConfig {
     }
 
     fn resolve_layers(&self, kind: &str, asset: Option<&str>) -> Result<Policy, Vec<String>> {
-        let builtin = built_in();
-        let mut merged = builtin.kinds.get(kind).cloned().unwrap_or_else(fallback);
+        let mut merged = built_in().kinds.get(kind).unwrap_or_else(fallback).clone();
         let mut origin = "built-in";
         if let Some(k) = self.kinds.get(kind) {
             merged.layer(k);

@@ -178,18 +178,25 @@ pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("scanning the repository: {e}"))?;
     let mut failures = Vec::new();
+    // Which targets each asset's policy names, resolved once per pass.
+    let mut copies_of: std::collections::HashMap<&str, Vec<String>> = Default::default();
+    for a in objects.iter().filter_map(|o| o.asset.as_deref()) {
+        copies_of.entry(a).or_insert_with(|| state.config.policy_for(a).copies);
+    }
     for (name, target) in &state.config.targets {
         // Repository-wide objects go everywhere; an asset's objects go where its policy says.
-        let wanted: Vec<&RepoObject> = objects
-            .iter()
-            .filter(|o| o.asset.as_ref().is_none_or(|a| state.config.policy_for(a).copies.iter().any(|c| c == name)))
-            .collect();
-        for o in &wanted {
-            state
-                .catalog
-                .enqueue_replication(name, &o.key, o.asset.as_deref(), o.order, now_ms)
-                .await
-                .map_err(|e| e.to_string())?;
+        // Only objects the queue does not know yet are recorded.
+        let known = state.catalog.replication_keys(name).await.map_err(|e| e.to_string())?;
+        for o in objects.iter().filter(|o| !known.contains(&o.key)) {
+            let wanted =
+                o.asset.as_deref().is_none_or(|a| copies_of.get(a).is_some_and(|c| c.iter().any(|c| c == name)));
+            if wanted {
+                state
+                    .catalog
+                    .enqueue_replication(name, &o.key, o.asset.as_deref(), o.order, now_ms)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
         }
         if let Err(e) = drain(state, name, target).await {
             failures.push(e.to_string());

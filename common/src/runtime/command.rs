@@ -121,6 +121,13 @@ impl Drop for ChildReader {
     }
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago, for the throwaway servers drills
+/// start (the port is released before the server binds it; a lost race fails the drill).
+pub fn free_loopback_port() -> Result<u16, super::SourceError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(super::SourceError::io("finding a free port"))?;
+    l.local_addr().map(|a| a.port()).map_err(super::SourceError::io("finding a free port"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
