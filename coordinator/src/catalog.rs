@@ -805,6 +805,19 @@ impl Catalog {
         .collect())
     }
 
+    /// Every asset's name and the finish time of its newest snapshot, if any: what the
+    /// scheduler needs each tick, without the counts and sums of [`Catalog::assets`].
+    pub async fn asset_latest(&self) -> Result<BTreeMap<String, Option<i64>>> {
+        Ok(sqlx::query(
+            "SELECT a.name, (SELECT MAX(s.finished_at) FROM snapshots s WHERE s.asset_id = a.id) FROM assets a",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+    }
+
     pub async fn assets(&self) -> Result<Vec<AssetRow>> {
         let rows = sqlx::query(
             "SELECT a.id, a.name, a.kind,

@@ -108,9 +108,9 @@ pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
         }
     }
-    let assets = state.catalog.assets().await.map_err(|e| e.to_string())?;
+    let latest = state.catalog.asset_latest().await.map_err(|e| e.to_string())?;
     let last = state.catalog.last_attempts().await.map_err(|e| e.to_string())?;
-    let mut names: Vec<String> = assets.iter().map(|a| a.name.clone()).collect();
+    let mut names: Vec<String> = latest.keys().cloned().collect();
     names.extend(state.sessions.served_assets());
     names.sort();
     names.dedup();
@@ -124,7 +124,7 @@ pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
             asset: name,
             policy,
             last_start_ms: last_attempt.map(|a| a.started_ms),
-            newest_ms: assets.iter().find(|a| &a.name == name).and_then(|a| a.latest.as_ref()).map(|(_, at)| at * 1000),
+            newest_ms: latest.get(name).copied().flatten().map(|at| at * 1000),
             busy: agent_busy || attempt_running,
         });
     }
