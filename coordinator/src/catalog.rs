@@ -208,6 +208,56 @@ pub struct Location {
     pub entry: Entry,
 }
 
+/// What happens to a chunk the catalog already locates in another pack.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChunkConflict {
+    /// Keep the existing location (a second copy uploaded by a concurrent backup).
+    Keep,
+    /// Move it to the new pack (a repack).
+    Move,
+}
+
+/// The `packs` row of a sealed pack and a `chunks` row per entry.
+async fn insert_pack_rows(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    pack: &SealedPack,
+    asset_id: i64,
+    conflict: ChunkConflict,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO packs (id, asset_id, size, chunks, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&pack.id)
+    .bind(asset_id)
+    .bind(pack.size as i64)
+    .bind(pack.entries.len() as i64)
+    .bind(now())
+    .execute(&mut **tx)
+    .await?;
+    let sql = match conflict {
+        ChunkConflict::Keep => {
+            "INSERT INTO chunks (asset_id, id, pack_id, off, length, crc) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+        }
+        ChunkConflict::Move => {
+            "INSERT INTO chunks (asset_id, id, pack_id, off, length, crc) VALUES (?, ?, ?, ?, ?, ?)
+             ON CONFLICT (asset_id, id) DO UPDATE SET pack_id = excluded.pack_id, off = excluded.off,
+             length = excluded.length, crc = excluded.crc"
+        }
+    };
+    for e in &pack.entries {
+        sqlx::query(sql)
+            .bind(asset_id)
+            .bind(e.id.0.as_slice())
+            .bind(&pack.id)
+            .bind(e.offset as i64)
+            .bind(e.length as i64)
+            .bind(e.crc as i64)
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
 fn now() -> i64 {
     coffer_common::time::unix_seconds(coffer_common::time::now())
 }
@@ -350,30 +400,11 @@ impl Catalog {
             .rows_affected())
     }
 
-    /// Records a sealed pack and its chunks, crediting the stored bytes to `snapshot`.
+    /// Records a sealed pack and its chunks, crediting the stored bytes to `snapshot`. A
+    /// chunk the catalog already locates elsewhere keeps that location.
     pub async fn index_pack(&self, pack: &SealedPack, asset_id: i64, snapshot: Option<&str>) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO packs (id, asset_id, size, chunks, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
-            .bind(&pack.id)
-            .bind(asset_id)
-            .bind(pack.size as i64)
-            .bind(pack.entries.len() as i64)
-            .bind(now())
-            .execute(&mut *tx)
-            .await?;
-        for e in &pack.entries {
-            sqlx::query(
-                "INSERT INTO chunks (asset_id, id, pack_id, off, length, crc) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            )
-            .bind(asset_id)
-            .bind(e.id.0.as_slice())
-            .bind(&pack.id)
-            .bind(e.offset as i64)
-            .bind(e.length as i64)
-            .bind(e.crc as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
+        insert_pack_rows(&mut tx, pack, asset_id, ChunkConflict::Keep).await?;
         if let Some(s) = snapshot {
             let stored: u64 = pack.entries.iter().map(|e| e.length as u64).sum();
             sqlx::query("UPDATE backups SET bytes_stored = bytes_stored + ? WHERE snapshot_id = ?")
@@ -547,29 +578,7 @@ impl Catalog {
     /// old pack, in one transaction.
     pub async fn replace_pack(&self, old: &str, pack: &SealedPack, asset_id: i64) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("INSERT INTO packs (id, asset_id, size, chunks, created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING")
-            .bind(&pack.id)
-            .bind(asset_id)
-            .bind(pack.size as i64)
-            .bind(pack.entries.len() as i64)
-            .bind(now())
-            .execute(&mut *tx)
-            .await?;
-        for e in &pack.entries {
-            sqlx::query(
-                "INSERT INTO chunks (asset_id, id, pack_id, off, length, crc) VALUES (?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (asset_id, id) DO UPDATE SET pack_id = excluded.pack_id, off = excluded.off,
-                 length = excluded.length, crc = excluded.crc",
-            )
-            .bind(asset_id)
-            .bind(e.id.0.as_slice())
-            .bind(&pack.id)
-            .bind(e.offset as i64)
-            .bind(e.length as i64)
-            .bind(e.crc as i64)
-            .execute(&mut *tx)
-            .await?;
-        }
+        insert_pack_rows(&mut tx, pack, asset_id, ChunkConflict::Move).await?;
         sqlx::query("DELETE FROM chunks WHERE pack_id = ?").bind(old).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM packs WHERE id = ?").bind(old).execute(&mut *tx).await?;
         tx.commit().await?;
