@@ -150,13 +150,13 @@ struct Counters {
 /// Chunk ids named by the asset's manifests on disk, except `excluded` snapshots.
 fn live_chunks(repo: &Repo, asset: &str, excluded: &BTreeSet<String>) -> Result<HashSet<ChunkId>, PruneError> {
     let mut live = HashSet::new();
-    for (a, snap) in repo.list_manifests()? {
-        if a != asset || excluded.contains(&snap) {
+    for snap in repo.list_asset_manifests(asset)? {
+        if excluded.contains(&snap) {
             continue;
         }
-        let (bytes, _) = repo.read_manifest(&a, &snap)?;
+        let (bytes, _) = repo.read_manifest(asset, &snap)?;
         let m = Manifest::decode(&bytes).map_err(|e| PruneError::Manifest {
-            asset: a.clone(),
+            asset: asset.to_string(),
             snapshot: snap.clone(),
             detail: format!("{e}; refusing to collect packs of an asset with an unreadable manifest"),
         })?;

@@ -191,6 +191,25 @@ impl Repo {
         Ok(out)
     }
 
+    /// Snapshot ids with a manifest on disk for one asset.
+    pub fn list_asset_manifests(&self, asset: &str) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join("manifests").join(asset);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(StoreError::io(format!("listing {}", dir.display()))(e)),
+        };
+        let mut out = Vec::new();
+        for e in entries {
+            let name = e.map_err(StoreError::io(format!("listing {}", dir.display())))?.file_name();
+            if let Some(snap) = name.to_str().and_then(|n| n.strip_suffix(".manifest")) {
+                out.push(snap.to_string());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Commit point of a snapshot: signature first, then the manifest, each atomically.
     pub fn write_manifest(
         &self,
