@@ -1,5 +1,7 @@
 //! AdminService: what operators ask with grpcurl.
 
+use std::collections::BTreeMap;
+
 use coffer_proto::v1 as pb;
 use pb::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
@@ -11,7 +13,7 @@ use crate::catalog::{AssetRow, AttemptRow};
 struct Copies {
     present: Vec<String>,
     summary: String,
-    lag: std::collections::BTreeMap<String, u64>,
+    lag: BTreeMap<String, u64>,
 }
 
 pub struct AdminApi {
@@ -69,10 +71,10 @@ pub fn attempt_info(a: &AttemptRow) -> pb::Attempt {
 impl AdminApi {
     /// Copies holding every object of the asset (`local` once it has a snapshot, each
     /// target with nothing pending), a one-line summary, and each required target's lag.
-    async fn copies(&self, a: &AssetRow) -> Result<Copies> {
+    /// `target_errors` is [`crate::catalog::Catalog::target_errors`], read once per call.
+    async fn copies(&self, a: &AssetRow, target_errors: &BTreeMap<String, String>) -> Result<Copies> {
         let policy = self.state.config.policy_for(&a.name);
         let states = self.state.catalog.replication_state(&a.name).await?;
-        let target_errors = self.state.catalog.target_errors().await?;
         let now = crate::scheduler::system_now_ms();
         let mut c = Copies::default();
         if a.snapshots > 0 {
@@ -163,9 +165,10 @@ impl AdminApi {
         self.state.authorize_admin(&req)?;
         let assets = self.state.catalog.assets().await?;
         let last = self.state.catalog.last_attempts().await?;
+        let target_errors = self.state.catalog.target_errors().await?;
         let mut out = Vec::with_capacity(assets.len());
         for a in &assets {
-            out.push(self.status(a, last.get(&a.name), self.copies(a).await?));
+            out.push(self.status(a, last.get(&a.name), self.copies(a, &target_errors).await?));
         }
         Ok(pb::ListAssetsResponse { assets: out })
     }
@@ -179,7 +182,10 @@ impl AdminApi {
             .find(|a| &a.name == name)
             .ok_or_else(|| ServiceError::NotFound(format!("no asset {name:?}")))?;
         let last = self.state.catalog.last_attempts().await?;
-        Ok(pb::AssetStatusResponse { status: Some(self.status(a, last.get(name), self.copies(a).await?)) })
+        let target_errors = self.state.catalog.target_errors().await?;
+        Ok(pb::AssetStatusResponse {
+            status: Some(self.status(a, last.get(name), self.copies(a, &target_errors).await?)),
+        })
     }
 
     async fn list_snapshots_inner(
