@@ -53,10 +53,23 @@ impl ChunkerParams {
     }
 }
 
-/// Streaming FastCDC chunker. Feed bytes with [`Chunker::push`]; at end of input call
-/// [`Chunker::finish`] until it returns `None`.
+/// How a file is cut into chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cut {
+    /// Content-defined (FastCDC) with the asset's parameters: insertions shift no boundary.
+    #[default]
+    Content,
+    /// Fixed-size blocks aligned to file offsets (database pages, volume blocks): a changed
+    /// block changes exactly one chunk. The size must be within 64 B ..= [`MAX_CHUNK_SIZE`].
+    Fixed(u32),
+}
+
+/// Streaming chunker (FastCDC, or fixed blocks). Feed bytes with [`Chunker::push`]; at end
+/// of input call [`Chunker::finish`] until it returns `None`.
 pub struct Chunker {
     params: ChunkerParams,
+    /// Fixed block size instead of content-defined cuts.
+    fixed: Option<usize>,
     mask_s: u64,
     mask_l: u64,
     gear: Box<[u64; 256]>,
@@ -78,7 +91,19 @@ impl Chunker {
             gear,
             gear_ls,
             buf: BytesMut::with_capacity(params.max_size as usize * 2),
+            fixed: None,
         }
+    }
+
+    /// A chunker cutting as `cut` says (`params` and `seed` apply to [`Cut::Content`]).
+    pub fn with_cut(params: ChunkerParams, seed: u64, cut: Cut) -> Self {
+        let mut c = Chunker::new(params, seed);
+        if let Cut::Fixed(size) = cut {
+            assert!((64..=MAX_CHUNK_SIZE).contains(&size), "fixed block size out of range");
+            c.fixed = Some(size as usize);
+            c.buf = BytesMut::with_capacity(size as usize * 2);
+        }
+        c
     }
 
     pub fn params(&self) -> ChunkerParams {
@@ -88,7 +113,7 @@ impl Chunker {
     /// Feeds bytes; returns how many were consumed and a chunk if a boundary was found.
     /// Call again with the unconsumed rest until everything is consumed.
     pub fn push(&mut self, input: &[u8]) -> (usize, Option<Bytes>) {
-        let max = self.params.max_size as usize;
+        let max = self.fixed.unwrap_or(self.params.max_size as usize);
         let room = max.saturating_sub(self.buf.len());
         let take = room.min(input.len());
         self.buf.extend_from_slice(&input[..take]);
@@ -101,6 +126,13 @@ impl Chunker {
     }
 
     fn cut(&mut self) -> Bytes {
+        if let Some(size) = self.fixed {
+            let chunk = self.buf.split_to(size.min(self.buf.len())).freeze();
+            if self.buf.capacity() < size {
+                self.buf.reserve(size * 2);
+            }
+            return chunk;
+        }
         let p = self.params;
         let (_, end) = cut_gear(
             &self.buf,
@@ -167,6 +199,27 @@ mod tests {
             assert!(c.len() >= 256 && c.len() <= 4096, "chunk of {} bytes", c.len());
         }
         assert!(chunks.len() > 100, "expected about 200 chunks, got {}", chunks.len());
+    }
+
+    #[test]
+    fn fixed_cut_gives_aligned_blocks_whatever_the_push_sizes() {
+        let data = pseudo_random(100_000, 3);
+        let mut c = Chunker::with_cut(SMALL, 0, Cut::Fixed(8192));
+        let mut chunks = Vec::new();
+        for piece in data.chunks(777) {
+            let mut rest = piece;
+            while !rest.is_empty() {
+                let (used, chunk) = c.push(rest);
+                rest = &rest[used..];
+                chunks.extend(chunk);
+            }
+        }
+        chunks.extend(std::iter::from_fn(|| c.finish()));
+        assert_eq!(chunks.concat(), data);
+        assert_eq!(chunks.len(), 13);
+        for (i, chunk) in chunks.iter().enumerate() {
+            assert_eq!(&chunk[..], &data[i * 8192..((i + 1) * 8192).min(data.len())]);
+        }
     }
 
     #[test]

@@ -62,8 +62,21 @@ const SCHEMA: &[&str] = &[
         new_bytes INTEGER NOT NULL,
         chunks INTEGER NOT NULL,
         files INTEGER NOT NULL,
-        committed_at INTEGER NOT NULL)",
+        committed_at INTEGER NOT NULL,
+        stream TEXT NOT NULL DEFAULT '')",
     "CREATE INDEX IF NOT EXISTS snapshots_asset ON snapshots(asset_id, id)",
+    // Files of stream entries (Postgres WAL segments, ...) by name: one row per name, the
+    // first entry that held it. A name never changes content (commit refuses that).
+    "CREATE TABLE IF NOT EXISTS stream_files (
+        asset_id INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        snapshot_id TEXT NOT NULL,
+        committed_at INTEGER NOT NULL,
+        PRIMARY KEY (asset_id, stream, path)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS stream_files_snapshot ON stream_files(snapshot_id)",
     // One row per backup attempt: triggered by the scheduler or an operator (job id from
     // the coordinator) or started by the agent on its own (job id = snapshot id).
     "CREATE TABLE IF NOT EXISTS attempts (
@@ -172,6 +185,31 @@ pub struct SnapshotRow {
     pub new_bytes: i64,
     pub chunks: i64,
     pub files: i64,
+    /// Empty for a snapshot (recovery point), else the stream this entry belongs to.
+    pub stream: String,
+}
+
+/// One file of a stream entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamFileRow {
+    pub path: String,
+    pub size: i64,
+    pub sha256: String,
+    pub snapshot_id: String,
+    pub committed_at: i64,
+}
+
+/// The stream a manifest belongs to (`source.stream`), or None for a snapshot.
+pub fn manifest_stream(m: &coffer_common::manifest::Manifest) -> std::result::Result<Option<String>, String> {
+    match m.source.get("stream") {
+        None => Ok(None),
+        Some(serde_json::Value::String(s)) if is_valid_stream_name(s) => Ok(Some(s.clone())),
+        Some(v) => Err(format!("source.stream {v} is not a stream name (lowercase letters, digits, '-', 1-32)")),
+    }
+}
+
+pub fn is_valid_stream_name(s: &str) -> bool {
+    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 impl SnapshotRow {
@@ -189,7 +227,25 @@ impl SnapshotRow {
             new_bytes,
             chunks: chunks as i64,
             files: m.files.len() as i64,
+            stream: manifest_stream(m).ok().flatten().unwrap_or_default(),
         }
+    }
+
+    /// The stream-file rows a committed stream entry adds (none for a snapshot).
+    pub fn stream_files(&self, m: &coffer_common::manifest::Manifest) -> Vec<StreamFileRow> {
+        if self.stream.is_empty() {
+            return Vec::new();
+        }
+        m.files
+            .iter()
+            .map(|f| StreamFileRow {
+                path: f.path.clone(),
+                size: f.size as i64,
+                sha256: f.sha256.clone(),
+                snapshot_id: self.id.clone(),
+                committed_at: now(),
+            })
+            .collect()
     }
 }
 
@@ -266,8 +322,8 @@ fn now_ms() -> i64 {
     crate::scheduler::system_now_ms()
 }
 
-const SNAPSHOT_COLUMNS: &str =
-    "s.id, a.name AS asset, s.kind, s.agent, s.started_at, s.finished_at, s.size, s.new_bytes, s.chunks, s.files";
+const SNAPSHOT_COLUMNS: &str = "s.id, a.name AS asset, s.kind, s.agent, s.started_at, s.finished_at, s.size, s.new_bytes, \
+                                s.chunks, s.files, s.stream";
 
 fn snapshot_row(r: &sqlx::sqlite::SqliteRow) -> SnapshotRow {
     SnapshotRow {
@@ -281,6 +337,7 @@ fn snapshot_row(r: &sqlx::sqlite::SqliteRow) -> SnapshotRow {
         new_bytes: r.get("new_bytes"),
         chunks: r.get("chunks"),
         files: r.get("files"),
+        stream: r.get("stream"),
     }
 }
 
@@ -296,6 +353,14 @@ impl Catalog {
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
         for stmt in SCHEMA {
             sqlx::query(stmt).execute(&pool).await?;
+        }
+        // Catalogs created before streams existed.
+        let has_stream = sqlx::query("SELECT 1 FROM pragma_table_info('snapshots') WHERE name = 'stream'")
+            .fetch_optional(&pool)
+            .await?
+            .is_some();
+        if !has_stream {
+            sqlx::query("ALTER TABLE snapshots ADD COLUMN stream TEXT NOT NULL DEFAULT ''").execute(&pool).await?;
         }
         Ok(Catalog { pool })
     }
@@ -530,7 +595,10 @@ impl Catalog {
 
     /// Forgets a snapshot (its manifest is removed from the repository right after).
     pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
-        sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(id).execute(&self.pool).await?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM stream_files WHERE snapshot_id = ?").bind(id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM snapshots WHERE id = ?").bind(id).execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -645,11 +713,28 @@ impl Catalog {
         Ok(ids.iter().filter(|id| !found.contains_key(id)).copied().collect())
     }
 
-    pub async fn insert_snapshot(&self, s: &SnapshotRow, asset_id: i64) -> Result<()> {
+    /// Records a committed snapshot or stream entry (with its stream files; a name the
+    /// stream already holds keeps its first entry).
+    pub async fn insert_snapshot(&self, s: &SnapshotRow, asset_id: i64, files: &[StreamFileRow]) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        for f in files {
+            sqlx::query(
+                "INSERT INTO stream_files (asset_id, stream, path, size, sha256, snapshot_id, committed_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            )
+            .bind(asset_id)
+            .bind(&s.stream)
+            .bind(&f.path)
+            .bind(f.size)
+            .bind(&f.sha256)
+            .bind(&f.snapshot_id)
+            .bind(f.committed_at)
+            .execute(&mut *tx)
+            .await?;
+        }
         sqlx::query(
-            "INSERT INTO snapshots (id, asset_id, kind, agent, started_at, finished_at, size, new_bytes, chunks, files, committed_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO snapshots (id, asset_id, kind, agent, started_at, finished_at, size, new_bytes, chunks, files, committed_at, stream)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
         )
         .bind(&s.id)
         .bind(asset_id)
@@ -662,6 +747,7 @@ impl Catalog {
         .bind(s.chunks)
         .bind(s.files)
         .bind(now())
+        .bind(&s.stream)
         .execute(&mut *tx)
         .await?;
         sqlx::query("UPDATE backups SET state = 'committed' WHERE snapshot_id = ?")
@@ -684,22 +770,81 @@ impl Catalog {
         Ok(sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?.as_ref().map(snapshot_row))
     }
 
-    /// Snapshots newest first; all assets when `asset` is None; `limit` 0 means no limit.
-    pub async fn snapshots(&self, asset: Option<&str>, limit: u32) -> Result<Vec<SnapshotRow>> {
+    /// Snapshots (`stream` empty) or the entries of one stream, newest first; all assets
+    /// when `asset` is None; `limit` 0 means no limit.
+    pub async fn snapshots(&self, asset: Option<&str>, stream: &str, limit: u32) -> Result<Vec<SnapshotRow>> {
         let limit = if limit == 0 { i64::MAX } else { limit as i64 };
         let sql = format!(
             "SELECT {SNAPSHOT_COLUMNS} FROM snapshots s JOIN assets a ON a.id = s.asset_id
-             WHERE (? IS NULL OR a.name = ?) ORDER BY s.id DESC LIMIT ?"
+             WHERE (? IS NULL OR a.name = ?) AND s.stream = ? ORDER BY s.id DESC LIMIT ?"
         );
         Ok(sqlx::query(&sql)
             .bind(asset)
             .bind(asset)
+            .bind(stream)
             .bind(limit)
             .fetch_all(&self.pool)
             .await?
             .iter()
             .map(snapshot_row)
             .collect())
+    }
+
+    /// Names of the streams an asset has entries in.
+    pub async fn asset_streams(&self, asset_id: i64) -> Result<Vec<String>> {
+        Ok(sqlx::query("SELECT DISTINCT stream FROM snapshots WHERE asset_id = ? AND stream != '' ORDER BY stream")
+            .bind(asset_id)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Files of an asset's stream: the named ones (those held), or with no names every file
+    /// after `after` in path order, at most `limit`.
+    pub async fn stream_files(
+        &self,
+        asset_id: i64,
+        stream: &str,
+        paths: &[String],
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<StreamFileRow>> {
+        let row = |r: &sqlx::sqlite::SqliteRow| StreamFileRow {
+            path: r.get(0),
+            size: r.get(1),
+            sha256: r.get(2),
+            snapshot_id: r.get(3),
+            committed_at: r.get(4),
+        };
+        const COLS: &str = "path, size, sha256, snapshot_id, committed_at";
+        if paths.is_empty() {
+            let sql = format!(
+                "SELECT {COLS} FROM stream_files WHERE asset_id = ? AND stream = ? AND path > ? ORDER BY path LIMIT ?"
+            );
+            let rows = sqlx::query(&sql)
+                .bind(asset_id)
+                .bind(stream)
+                .bind(after)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+            return Ok(rows.iter().map(row).collect());
+        }
+        let mut out = Vec::new();
+        for batch in paths.chunks(500) {
+            let marks = vec!["?"; batch.len()].join(",");
+            let sql = format!(
+                "SELECT {COLS} FROM stream_files WHERE asset_id = ? AND stream = ? AND path IN ({marks}) ORDER BY path"
+            );
+            let mut q = sqlx::query(&sql).bind(asset_id).bind(stream);
+            for p in batch {
+                q = q.bind(p);
+            }
+            out.extend(q.fetch_all(&self.pool).await?.iter().map(row));
+        }
+        Ok(out)
     }
 
     pub async fn start_attempt(&self, a: &AttemptRow) -> Result<()> {
@@ -818,7 +963,8 @@ impl Catalog {
     /// scheduler needs each tick, without the counts and sums of [`Catalog::assets`].
     pub async fn asset_latest(&self) -> Result<BTreeMap<String, Option<i64>>> {
         Ok(sqlx::query(
-            "SELECT a.name, (SELECT MAX(s.finished_at) FROM snapshots s WHERE s.asset_id = a.id) FROM assets a",
+            "SELECT a.name, (SELECT MAX(s.finished_at) FROM snapshots s WHERE s.asset_id = a.id AND s.stream = '')
+             FROM assets a",
         )
         .fetch_all(&self.pool)
         .await?
@@ -830,9 +976,10 @@ impl Catalog {
     pub async fn assets(&self) -> Result<Vec<AssetRow>> {
         let rows = sqlx::query(
             "SELECT a.id, a.name, a.kind,
-                (SELECT COUNT(*) FROM snapshots s WHERE s.asset_id = a.id),
-                (SELECT s.id FROM snapshots s WHERE s.asset_id = a.id ORDER BY s.id DESC LIMIT 1),
-                (SELECT s.finished_at FROM snapshots s WHERE s.asset_id = a.id ORDER BY s.id DESC LIMIT 1),
+                (SELECT COUNT(*) FROM snapshots s WHERE s.asset_id = a.id AND s.stream = ''),
+                (SELECT s.id FROM snapshots s WHERE s.asset_id = a.id AND s.stream = '' ORDER BY s.id DESC LIMIT 1),
+                (SELECT s.finished_at FROM snapshots s WHERE s.asset_id = a.id AND s.stream = ''
+                 ORDER BY s.id DESC LIMIT 1),
                 (SELECT COALESCE(SUM(p.size), 0) FROM packs p WHERE p.asset_id = a.id)
              FROM assets a ORDER BY a.name",
         )
@@ -892,11 +1039,32 @@ mod tests {
             new_bytes: 4,
             chunks: 1,
             files: 1,
+            stream: String::new(),
         };
-        c.insert_snapshot(&row, a).await.unwrap();
-        assert_eq!(c.snapshots(Some("git/a"), 0).await.unwrap().len(), 1);
-        assert_eq!(c.snapshots(None, 0).await.unwrap().len(), 1);
-        assert!(c.snapshots(Some("git/b"), 0).await.unwrap().is_empty());
+        c.insert_snapshot(&row, a, &[]).await.unwrap();
+        assert_eq!(c.snapshots(Some("git/a"), "", 0).await.unwrap().len(), 1);
+        assert_eq!(c.snapshots(None, "", 0).await.unwrap().len(), 1);
+        assert!(c.snapshots(Some("git/b"), "", 0).await.unwrap().is_empty());
+        // A stream entry is listed with its stream only, and indexes its files by name.
+        let wal = SnapshotRow { id: "20261124T000000.000Z-00000003".into(), stream: "wal".into(), ..row.clone() };
+        let file = |snap: &str, sha: &str| StreamFileRow {
+            path: "000000010000000000000001".into(),
+            size: 16,
+            sha256: sha.into(),
+            snapshot_id: snap.into(),
+            committed_at: 5,
+        };
+        c.insert_snapshot(&wal, a, &[file(&wal.id, "aa")]).await.unwrap();
+        assert_eq!(c.snapshots(Some("git/a"), "", 0).await.unwrap().len(), 1);
+        assert_eq!(c.snapshots(Some("git/a"), "wal", 0).await.unwrap()[0].id, wal.id);
+        let wal2 = SnapshotRow { id: "20261124T000000.000Z-00000004".into(), ..wal.clone() };
+        c.insert_snapshot(&wal2, a, &[file(&wal2.id, "aa")]).await.unwrap();
+        let held = c.stream_files(a, "wal", &["000000010000000000000001".into()], "", 0).await.unwrap();
+        assert_eq!(held, vec![file(&wal.id, "aa")], "the first entry holding a name keeps it");
+        assert_eq!(c.stream_files(a, "wal", &[], "", 10).await.unwrap().len(), 1);
+        assert!(c.stream_files(a, "wal", &[], "000000010000000000000001", 10).await.unwrap().is_empty());
+        c.delete_snapshot(&wal.id).await.unwrap();
+        assert!(c.stream_files(a, "wal", &[], "", 10).await.unwrap().is_empty());
         let assets = c.assets().await.unwrap();
         assert_eq!(assets[0].latest.as_ref().unwrap().0, row.id);
         assert_eq!(assets[0].stored_bytes, 100);

@@ -113,17 +113,32 @@ pub async fn prune(
     let mut counters = Counters::default();
     for a in assets.iter().filter(|a| only.is_none_or(|o| o == a.name)) {
         let policy = ctx.config.policy_for(&a.name);
-        let mut points: Vec<Point> = ctx
-            .catalog
-            .snapshots(Some(&a.name), 0)
-            .await?
-            .into_iter()
-            .map(|s| Point { id: s.id, time: s.started_at, in_flight: false })
-            .collect();
-        for (id, started) in ctx.catalog.open_backups(a.id).await? {
-            points.push(Point { id, time: started, in_flight: true });
+        let snapshots = ctx.catalog.snapshots(Some(&a.name), "", 0).await?;
+        let mut points: Vec<Point> =
+            snapshots.iter().map(|s| Point { id: s.id.clone(), time: s.started_at, in_flight: false }).collect();
+        let open = ctx.catalog.open_backups(a.id).await?;
+        for (id, started) in &open {
+            points.push(Point { id: id.clone(), time: *started, in_flight: true });
         }
-        let plan = retention::plan(&policy.retention, &points, now_s);
+        let mut plan = retention::plan(&policy.retention, &points, now_s);
+        // Stream entries (WAL) follow the snapshots they make restorable.
+        let kept: HashSet<&str> = plan.kept().map(|d| d.id.as_str()).collect();
+        let mut spans: Vec<retention::Span> = snapshots
+            .iter()
+            .filter(|s| kept.contains(s.id.as_str()))
+            .map(|s| retention::Span { start: s.started_at, end: s.finished_at })
+            .collect();
+        spans.extend(open.iter().map(|(_, started)| retention::Span { start: *started, end: now_s }));
+        for stream in ctx.catalog.asset_streams(a.id).await? {
+            let entries: Vec<Point> = ctx
+                .catalog
+                .snapshots(Some(&a.name), &stream, 0)
+                .await?
+                .into_iter()
+                .map(|s| Point { id: s.id, time: s.finished_at, in_flight: false })
+                .collect();
+            plan.decisions.extend(retention::plan_stream(&spans, policy.retention.within, &entries, now_s));
+        }
         let doomed: BTreeSet<String> = plan.deleted().map(|d| d.id.clone()).collect();
         if apply {
             for id in &doomed {

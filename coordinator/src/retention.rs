@@ -144,6 +144,45 @@ pub fn plan(rules: &Retention, points: &[Point], now: i64) -> Plan {
     }
 }
 
+/// A kept snapshot's span: a stream entry committed inside it is needed to make that
+/// snapshot consistent (Postgres: the WAL between a base backup's start and stop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: i64,
+    pub end: i64,
+}
+
+/// Fate of an asset's stream entries (WAL), given the snapshots retention keeps.
+///
+/// Every entry from the start of the oldest kept snapshot inside the `within` window (or of
+/// the oldest kept snapshot when there is no window) onwards is kept: that is the continuous
+/// point-in-time window. Older kept snapshots keep the entries committed during their own
+/// span, so each stays restorable to its own consistent point. With no kept snapshot at all
+/// nothing is deleted.
+pub fn plan_stream(kept: &[Span], within: Option<std::time::Duration>, entries: &[Point], now: i64) -> Vec<Decision> {
+    let horizon = within.map(|w| now - w.as_secs() as i64);
+    let anchor = kept.iter().filter(|s| horizon.is_none_or(|h| s.start >= h)).map(|s| s.start).min();
+    // Nothing inside the window (e.g. the newest base is older than it): the newest kept
+    // snapshot anchors the window instead, so the newest recovery points stay replayable.
+    let anchor = anchor.or_else(|| kept.iter().map(|s| s.start).max());
+    let mut out: Vec<Decision> = entries
+        .iter()
+        .map(|e| {
+            let mut reasons = Vec::new();
+            if e.in_flight {
+                reasons.push("being written".to_string());
+            } else if anchor.is_none_or(|a| e.time >= a) {
+                reasons.push("point-in-time window".to_string());
+            } else if kept.iter().any(|s| e.time >= s.start && e.time <= s.end) {
+                reasons.push("consistency of a kept snapshot".to_string());
+            }
+            Decision { id: e.id.clone(), time: e.time, reasons }
+        })
+        .collect();
+    out.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.id.cmp(&a.id)));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;

@@ -136,7 +136,7 @@ async fn recover_snapshot(repo: &Repo, catalog: &Catalog, asset: &str, snapshot:
         return Err(format!("{} chunks are missing", missing.len()));
     }
     let row = SnapshotRow::from_manifest(&m, ids.len(), 0);
-    catalog.insert_snapshot(&row, asset_id).await.map_err(|e| e.to_string())?;
+    catalog.insert_snapshot(&row, asset_id, &row.stream_files(&m)).await.map_err(|e| e.to_string())?;
     tracing::info!(asset, snapshot, "recorded a committed snapshot the catalog did not know");
     Ok(())
 }

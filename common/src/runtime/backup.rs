@@ -28,7 +28,7 @@ use tracing::Instrument;
 use super::SourceError;
 use super::client::{ClientError, Coordinator, SignedManifest};
 use super::progress::Progress;
-use crate::chunker::{Chunker, ChunkerParams};
+use crate::chunker::{Chunker, ChunkerParams, Cut};
 use crate::crypto::{ChunkCipher, ChunkId, FileHasher};
 use crate::identity::AgentIdentity;
 use crate::keyring::Keyring;
@@ -54,6 +54,9 @@ pub struct PipelineOptions {
     pub quiet: bool,
     /// The coordinator job this backup carries out (empty: started by the agent itself).
     pub job_id: String,
+    /// Fetch the asset's newest snapshot for [`BackupSink::previous`]. Off for stream
+    /// entries (WAL segments), which never build on an earlier snapshot.
+    pub fetch_previous: bool,
 }
 
 impl Default for PipelineOptions {
@@ -63,6 +66,7 @@ impl Default for PipelineOptions {
             workers: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2),
             quiet: false,
             job_id: String::new(),
+            fetch_previous: true,
         }
     }
 }
@@ -139,7 +143,7 @@ impl BackupSink {
         params.validate().map_err(ClientError::Protocol)?;
         let budget_floor = 2 * params.max_size as usize;
         let opts = PipelineOptions { memory_budget: opts.memory_budget.max(budget_floor), ..opts };
-        let previous = coord.manifest(asset, "latest").await?;
+        let previous = if opts.fetch_previous { coord.manifest(asset, "latest").await? } else { None };
         let stats = Arc::new(BackupStats::default());
         let cipher = Arc::new(keyring.cipher());
 
@@ -201,6 +205,20 @@ impl BackupSink {
     /// Streams several files, two at a time so one file's reads and setup overlap with the
     /// other's hashing; the manifest lists them in the given order.
     pub async fn add_files<R: Read + Send + 'static>(&mut self, files: Vec<(String, R)>) -> Result<(), SourceError> {
+        self.add_files_cut(files, Cut::Content).await
+    }
+
+    /// [`BackupSink::add_files`] with the files cut as `cut` says.
+    pub async fn add_files_cut<R: Read + Send + 'static>(
+        &mut self,
+        files: Vec<(String, R)>,
+        cut: Cut,
+    ) -> Result<(), SourceError> {
+        if let Cut::Fixed(size) = cut
+            && !(64..=crate::chunker::MAX_CHUNK_SIZE).contains(&size)
+        {
+            return Err(SourceError::Failed(format!("fixed block size {size} is out of range")));
+        }
         let mut seen: std::collections::HashSet<&str> = self.files.iter().map(|f| f.path.as_str()).collect();
         for (path, _) in &files {
             if !crate::manifest::is_safe_relative_path(path) || !seen.insert(path.as_str()) {
@@ -217,6 +235,7 @@ impl BackupSink {
             stats: self.stats.clone(),
             cipher: self.cipher.clone(),
             workers: self.opts.workers,
+            cut,
         };
         let mut streamed = futures::stream::iter(files)
             .map(|(path, reader)| stream_file(ctx.clone(), path, reader))
@@ -373,6 +392,7 @@ struct FileContext {
     stats: Arc<BackupStats>,
     cipher: Arc<ChunkCipher>,
     workers: usize,
+    cut: Cut,
 }
 
 enum FileError {
@@ -393,8 +413,10 @@ async fn stream_file<R: Read + Send + 'static>(
     let reader_path = path.clone();
     let (params, seed, budget, progress, stats) =
         (ctx.params, ctx.seed, ctx.budget.clone(), ctx.progress.clone(), ctx.stats.clone());
+    let cut = ctx.cut;
     let reader_task = tokio::task::spawn_blocking(move || {
-        read_and_chunk(reader, params, seed, &budget, &chunk_tx, &handle, &progress, &stats)
+        let chunker = Chunker::with_cut(params, seed, cut);
+        read_and_chunk(reader, chunker, &budget, &chunk_tx, &handle, &progress, &stats)
             .map_err(SourceError::io(format!("reading {reader_path}")))
     });
     let cipher = ctx.cipher.clone();
@@ -425,11 +447,9 @@ async fn stream_file<R: Read + Send + 'static>(
 /// (so disk waits overlap with CPU work), a hasher (the whole-file SHA-256) and the chunker
 /// (this thread). A fixed set of read buffers travels reader -> hasher -> chunker -> reader,
 /// so nothing is allocated per read.
-#[allow(clippy::too_many_arguments)]
 fn read_and_chunk<R: Read + Send + 'static>(
     mut reader: R,
-    params: ChunkerParams,
-    seed: u64,
+    mut chunker: Chunker,
     budget: &Arc<Semaphore>,
     tx: &mpsc::Sender<(Bytes, OwnedSemaphorePermit)>,
     handle: &tokio::runtime::Handle,
@@ -472,7 +492,6 @@ fn read_and_chunk<R: Read + Send + 'static>(
         }
         h.finish()
     });
-    let mut chunker = Chunker::new(params, seed);
     let stopped = || std::io::Error::other("backup pipeline stopped");
     let emit = |chunk: Bytes| -> std::io::Result<()> {
         let permit = handle.block_on(budget.clone().acquire_many_owned(chunk.len() as u32)).map_err(|_| stopped())?;

@@ -199,16 +199,65 @@ impl Coordinator {
     }
 
     pub async fn list_snapshots(&self, asset: &str, limit: u32) -> Result<Vec<pb::SnapshotInfo>, ClientError> {
+        self.list_stream(asset, "", limit).await
+    }
+
+    /// The entries of one of the asset's streams (empty: its snapshots), newest first.
+    pub async fn list_stream(
+        &self,
+        asset: &str,
+        stream: &str,
+        limit: u32,
+    ) -> Result<Vec<pb::SnapshotInfo>, ClientError> {
         Ok(self
             .retry
             .run("ListSnapshots", || {
                 let mut c = self.raw();
-                let req = pb::ListSnapshotsRequest { asset: asset.to_string(), limit };
+                let req = pb::ListSnapshotsRequest { asset: asset.to_string(), limit, stream: stream.to_string() };
                 async move { c.list_snapshots(req).await }
             })
             .await
             .map_err(ClientError::rpc("ListSnapshots"))?
             .into_inner()
             .snapshots)
+    }
+
+    /// Files of the asset's stream: the named ones it holds, or (no names) every file in
+    /// path order, paged through.
+    pub async fn stream_files(
+        &self,
+        asset: &str,
+        stream: &str,
+        paths: &[String],
+    ) -> Result<Vec<pb::StreamFile>, ClientError> {
+        let call = |paths: Vec<String>, after: String| {
+            self.retry.run("ListStreamFiles", move || {
+                let mut c = self.raw();
+                let req = pb::ListStreamFilesRequest {
+                    asset: asset.to_string(),
+                    stream: stream.to_string(),
+                    paths: paths.clone(),
+                    after: after.clone(),
+                    limit: 0,
+                };
+                async move { c.list_stream_files(req).await }
+            })
+        };
+        let mut out = Vec::new();
+        if !paths.is_empty() {
+            for batch in paths.chunks(4096) {
+                let got = call(batch.to_vec(), String::new()).await.map_err(ClientError::rpc("ListStreamFiles"))?;
+                out.extend(got.into_inner().files);
+            }
+            return Ok(out);
+        }
+        loop {
+            let after = out.last().map(|f: &pb::StreamFile| f.path.clone()).unwrap_or_default();
+            let page = call(Vec::new(), after).await.map_err(ClientError::rpc("ListStreamFiles"))?.into_inner().files;
+            if page.is_empty() {
+                return Ok(out);
+            }
+            out.extend(page);
+        }
     }
 }

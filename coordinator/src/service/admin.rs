@@ -195,7 +195,7 @@ impl AdminApi {
         self.state.authorize_admin(&req)?;
         let r = req.get_ref();
         let asset = (!r.asset.is_empty()).then_some(r.asset.as_str());
-        let rows = self.state.catalog.snapshots(asset, r.limit).await?;
+        let rows = self.state.catalog.snapshots(asset, &r.stream, r.limit).await?;
         Ok(pb::ListSnapshotsResponse { snapshots: rows.iter().map(snapshot_info).collect() })
     }
 

@@ -1,7 +1,7 @@
 //! AgentService: registration, deduplicated upload into packs, the commit protocol, and
 //! verified download.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use coffer_common::crypto::{ChunkId, MAX_STORED_CHUNK};
 use coffer_common::keyring::MAX_ENVELOPE_SIZE;
@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use super::{Result, ServiceError, Shared, blocking, peer, rpc_span, snapshot_info};
-use crate::catalog::{AttemptRow, BackupRow, SnapshotRow};
+use crate::catalog::{AttemptRow, BackupRow, SnapshotRow, is_valid_stream_name, manifest_stream};
 use crate::sessions::SESSION_QUEUE;
 use crate::store::pack::{self, PackWriter};
 
@@ -243,13 +243,33 @@ impl AgentApi {
                 missing[0]
             )));
         }
+        let stream =
+            manifest_stream(&m).map_err(|e| ServiceError::InvalidArgument(format!("snapshot {snapshot}: {e}")))?;
+        // A stream entry's names must not change content: check and commit under one lock.
+        let _stream_guard = match &stream {
+            Some(_) => Some(st.stream_lock.lock().await),
+            None => None,
+        };
+        // The manifest's snapshot, asset, kind and agent were checked against the backup above.
+        let row = SnapshotRow::from_manifest(&m, ids.len(), b.bytes_stored);
+        let files = row.stream_files(&m);
+        if let Some(stream) = &stream {
+            let names: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
+            let held = st.catalog.stream_files(b.asset_id, stream, &names, "", 0).await?;
+            let ours: HashMap<&str, &str> = files.iter().map(|f| (f.path.as_str(), f.sha256.as_str())).collect();
+            if let Some(h) = held.iter().find(|h| ours.get(h.path.as_str()).is_some_and(|sha| *sha != h.sha256)) {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "snapshot {snapshot}: stream {stream} of {} already holds {} with different content \
+                     (sha256 {}, entry {}); refusing to replace it (two servers writing one stream?)",
+                    b.asset, h.path, h.sha256, h.snapshot_id
+                )));
+            }
+        }
         // Commit point: the manifest file is renamed into place after its signature.
         let (repo, asset, snap, bytes, sig) =
             (st.repo.clone(), b.asset.clone(), snapshot.clone(), r.manifest, r.signature);
         blocking(move || repo.write_manifest(&asset, &snap, &bytes, &sig)).await??;
-        // The manifest's snapshot, asset, kind and agent were checked against the backup above.
-        let row = SnapshotRow::from_manifest(&m, ids.len(), b.bytes_stored);
-        st.catalog.insert_snapshot(&row, b.asset_id).await?;
+        st.catalog.insert_snapshot(&row, b.asset_id, &files).await?;
         tracing::info!(asset = %b.asset, %snapshot, size = row.size, new_bytes = row.new_bytes, "snapshot committed");
         Ok(pb::CommitBackupResponse { snapshot: Some(snapshot_info(&row)) })
     }
@@ -266,7 +286,7 @@ impl AgentApi {
     async fn resolve_snapshot(&self, asset: &str, snapshot: &str) -> Result<SnapshotRow> {
         let not_found = || ServiceError::NotFound(format!("no snapshot {snapshot:?} of asset {asset}"));
         if snapshot == "latest" {
-            return self.state.catalog.snapshots(Some(asset), 1).await?.into_iter().next().ok_or_else(not_found);
+            return self.state.catalog.snapshots(Some(asset), "", 1).await?.into_iter().next().ok_or_else(not_found);
         }
         if !coffer_common::time::is_valid_snapshot_id(snapshot) {
             return Err(ServiceError::InvalidArgument(format!("{snapshot:?} is not a snapshot id or \"latest\"")));
@@ -287,8 +307,44 @@ impl AgentApi {
     async fn list_inner(&self, req: Request<pb::ListSnapshotsRequest>) -> Result<pb::ListSnapshotsResponse> {
         let asset = req.get_ref().asset.clone();
         self.state.authorize_asset(&req, &asset)?;
-        let rows = self.state.catalog.snapshots(Some(&asset), req.get_ref().limit).await?;
+        let r = req.get_ref();
+        let rows = self.state.catalog.snapshots(Some(&asset), &r.stream, r.limit).await?;
         Ok(pb::ListSnapshotsResponse { snapshots: rows.iter().map(snapshot_info).collect() })
+    }
+
+    async fn stream_files_inner(
+        &self,
+        req: Request<pb::ListStreamFilesRequest>,
+    ) -> Result<pb::ListStreamFilesResponse> {
+        let r = req.get_ref();
+        self.state.authorize_asset(&req, &r.asset)?;
+        if !is_valid_stream_name(&r.stream) {
+            return Err(ServiceError::InvalidArgument(format!("{:?} is not a stream name", r.stream)));
+        }
+        if r.paths.len() > MAX_IDS_PER_CALL {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} paths in one call; at most {MAX_IDS_PER_CALL}",
+                r.paths.len()
+            )));
+        }
+        let Some(asset_id) = self.state.catalog.asset_id(&r.asset).await? else {
+            return Ok(pb::ListStreamFilesResponse::default());
+        };
+        let limit = if r.limit == 0 { 10_000 } else { r.limit.min(10_000) };
+        let rows = self.state.catalog.stream_files(asset_id, &r.stream, &r.paths, &r.after, limit).await?;
+        let t = |secs: i64| coffer_common::time::rfc3339(coffer_common::time::from_unix_seconds(secs));
+        Ok(pb::ListStreamFilesResponse {
+            files: rows
+                .into_iter()
+                .map(|f| pb::StreamFile {
+                    path: f.path,
+                    size: f.size as u64,
+                    sha256: f.sha256,
+                    snapshot_id: f.snapshot_id,
+                    committed_at: t(f.committed_at),
+                })
+                .collect(),
+        })
     }
 
     async fn put_keyring_inner(&self, req: Request<pb::PutKeyringRequest>) -> Result<pb::PutKeyringResponse> {
@@ -401,6 +457,13 @@ impl AgentService for AgentApi {
         req: Request<pb::ListSnapshotsRequest>,
     ) -> std::result::Result<Response<pb::ListSnapshotsResponse>, Status> {
         Ok(Response::new(self.list_inner(req).await?))
+    }
+
+    async fn list_stream_files(
+        &self,
+        req: Request<pb::ListStreamFilesRequest>,
+    ) -> std::result::Result<Response<pb::ListStreamFilesResponse>, Status> {
+        Ok(Response::new(self.stream_files_inner(req).await?))
     }
 
     type SessionStream =

@@ -34,6 +34,8 @@ pub struct State {
     pub collecting: tokio::sync::Mutex<std::collections::HashSet<String>>,
     /// One prune at a time (background job and operators).
     pub prune_lock: tokio::sync::Mutex<()>,
+    /// Serializes stream-entry commits, so a name's content check and its commit are one step.
+    pub stream_lock: tokio::sync::Mutex<()>,
 }
 
 impl State {
@@ -47,6 +49,7 @@ impl State {
             jobs: Default::default(),
             trigger_lock: Default::default(),
             metrics: Default::default(),
+            stream_lock: Default::default(),
             collecting: Default::default(),
             prune_lock: Default::default(),
         }
@@ -179,6 +182,7 @@ pub fn snapshot_info(s: &SnapshotRow) -> pb::SnapshotInfo {
         new_bytes: s.new_bytes as u64,
         chunks: s.chunks as u64,
         files: s.files as u64,
+        stream: s.stream.clone(),
     }
 }
 
