@@ -8,6 +8,16 @@ for pair in age:age restic:restic git:git ssh-keygen:openssh-client sqlite3:sqli
   cmd=${pair%%:*}; pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
+# PostgreSQL server (initdb, postgres, pgbench) and psql for agent-postgres tests and bench.
+# Debian's packaging would also create and start a "main" cluster; the tests make their own.
+if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+  need+=(postgresql)
+  if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO mkdir -p /etc/postgresql-common
+    echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+  fi
+fi
 # etcd-client's build script runs protoc, which needs the well-known .proto files.
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 if [ ${#need[@]} -gt 0 ]; then

@@ -128,8 +128,21 @@ fn the_scheduler_drives_two_daemons_and_freshness_follows() {
     );
     assert!(text.contains("coffer_job_up{job=\"scheduler\"} 1"), "{text}");
 
-    // An operator triggers a backup now.
-    let t = admin(&coord, &certs, "TriggerBackup", "{\"asset\":\"git/alpha\"}");
+    // An operator triggers a backup now (retrying while a scheduled one is running: the
+    // coordinator refuses a second backup of a busy agent).
+    let t = kit::wait_for("a trigger the agent accepts", Duration::from_secs(30), || {
+        let o = coord.grpcurl(
+            &certs,
+            "admin-ops",
+            &["-d", "{\"asset\":\"git/alpha\"}"],
+            "coffer.v1.AdminService/TriggerBackup",
+        );
+        if o.status.success() {
+            return Some(serde_json::from_str::<Value>(&kit::stdout(&o)).unwrap());
+        }
+        assert!(kit::stderr(&o).contains("busy"), "{}", kit::stderr(&o));
+        None
+    });
     let job = t["jobId"].as_str().expect("a job id").to_string();
     assert_eq!(t["agent"], "git-1");
     kit::wait_for("the manual backup", Duration::from_secs(30), || {

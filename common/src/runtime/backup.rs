@@ -183,6 +183,15 @@ impl BackupSink {
         &self.snapshot
     }
 
+    pub fn asset(&self) -> &str {
+        &self.asset
+    }
+
+    /// The coordinator session, for sources that ask it something mid-backup.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coord
+    }
+
     /// The asset's newest snapshot before this one, for incremental sources.
     pub fn previous(&self) -> Option<&SignedManifest> {
         self.previous.as_ref()

@@ -1,0 +1,401 @@
+//! Base backups: the non-exclusive low-level API in one session, the data directory read
+//! directly (relation files cut in page-aligned blocks, so a daily base backup uploads only
+//! the blocks that changed), and restore into a data directory set up for archive recovery.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use coffer_common::chunker::Cut;
+use coffer_common::manifest::Manifest;
+use coffer_common::runtime::{BackupSink, Probe, SnapshotReader, Source, SourceError, VerifyReport};
+use serde_json::{Value, json};
+
+use crate::pg;
+use crate::recovery::{self, RecoveryTarget};
+use crate::wal::{self, Lsn};
+
+/// Directories whose contents PostgreSQL documents as safe to leave out of a base backup
+/// (they are recreated or rebuilt at start-up); the directories themselves are kept.
+const EMPTY_DIRS: &[&str] =
+    &["pg_wal", "pg_replslot", "pg_dynshmem", "pg_notify", "pg_serial", "pg_snapshots", "pg_stat_tmp", "pg_subtrans"];
+
+/// Files never copied: the running server's lock and options, relcache init files, labels
+/// of other backups, and recovery signals (restore writes its own).
+const SKIP_FILES: &[&str] = &[
+    "postmaster.pid",
+    "postmaster.opts",
+    "pg_internal.init",
+    "backup_label",
+    "backup_label.old",
+    "tablespace_map",
+    "tablespace_map.old",
+    "recovery.signal",
+    "standby.signal",
+    recovery::RESTORE_CONFIG,
+];
+
+pub struct PgSource {
+    /// Connection string for the server.
+    pub conn: Option<String>,
+    /// Data directory (default: what the server reports).
+    pub pgdata: Option<PathBuf>,
+    pub fast_checkpoint: bool,
+    /// Block size relation files are cut into.
+    pub block_size: u32,
+    /// How a restore sets up recovery.
+    pub recovery: RecoveryTarget,
+    /// The agent's own flags, written into the restored server's `restore_command`.
+    pub restore_config: Option<recovery::RestoreConfig>,
+}
+
+impl PgSource {
+    fn conn(&self) -> Result<&str, SourceError> {
+        self.conn.as_deref().ok_or_else(|| {
+            SourceError::Failed("--pg-conn is required (e.g. \"host=/run/postgresql user=postgres\")".into())
+        })
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> SourceError {
+    SourceError::Failed(e.to_string())
+}
+
+/// One file to copy: its path in the snapshot and on disk.
+struct Entry {
+    rel: String,
+    path: PathBuf,
+    relation: bool,
+}
+
+/// Reads a file opened on first read; a file removed since the walk reads as empty (WAL
+/// replay removes or rewrites it).
+struct LazyFile {
+    path: PathBuf,
+    file: Option<File>,
+    gone: bool,
+}
+
+impl Read for LazyFile {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.gone {
+            return Ok(0);
+        }
+        if self.file.is_none() {
+            match File::open(&self.path) {
+                Ok(f) => self.file = Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    self.gone = true;
+                    return Ok(0);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        match self.file.as_mut().expect("opened above").read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            r => r,
+        }
+    }
+}
+
+/// Whether a file name is a relation fork (`12345`, `12345.2`, `12345_fsm`, `12345_vm`,
+/// `12345_init`) and its relfilenode.
+fn relation_node(name: &str) -> Option<&str> {
+    let end = name.find(|c: char| !c.is_ascii_digit()).unwrap_or(name.len());
+    (end > 0 && (end == name.len() || name[end..].starts_with('.') || name[end..].starts_with('_')))
+        .then(|| &name[..end])
+}
+
+#[derive(Default)]
+struct Walk {
+    files: Vec<Entry>,
+    dirs: Vec<String>,
+}
+
+/// Walks `dir` (shown as `rel` in the snapshot).
+fn walk(dir: &Path, rel: &str, out: &mut Walk, top: bool) -> Result<(), SourceError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        // A database directory dropped while we walk.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !top => return Ok(()),
+        Err(e) => return Err(SourceError::io(format!("reading {}", dir.display()))(e)),
+    };
+    let mut entries: Vec<_> = rd.filter_map(Result::ok).collect();
+    entries.sort_by_key(|e| e.file_name());
+    // Unlogged relations: only their init fork is copied (the rest is reset at start-up).
+    let unlogged: HashSet<String> = entries
+        .iter()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix("_init")).map(str::to_string))
+        .collect();
+    let in_relation_dir = rel.starts_with("base/") || rel == "global" || rel.starts_with("pg_tblspc/");
+    for e in entries {
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            return Err(failed(format!("{}: file name is not UTF-8", e.path().display())));
+        };
+        let child_rel = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+        if name.starts_with("pgsql_tmp") || SKIP_FILES.contains(&name.as_str()) {
+            continue;
+        }
+        let path = e.path();
+        // Follows symlinks (tablespaces under pg_tblspc, a relocated pg_wal).
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(SourceError::io(format!("reading {}", path.display()))(e)),
+        };
+        if meta.is_dir() {
+            out.dirs.push(child_rel.clone());
+            if top && EMPTY_DIRS.contains(&name.as_str()) {
+                if name == "pg_wal" {
+                    out.dirs.push("pg_wal/archive_status".into());
+                }
+                continue;
+            }
+            walk(&path, &child_rel, out, false)?;
+        } else if meta.is_file() {
+            let node = in_relation_dir.then(|| relation_node(&name)).flatten();
+            if let Some(n) = node
+                && unlogged.contains(n)
+                && !name.ends_with("_init")
+            {
+                continue;
+            }
+            out.files.push(Entry { rel: child_rel, path, relation: node.is_some() });
+        }
+    }
+    Ok(())
+}
+
+impl Source for PgSource {
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn probe(&self) -> Result<Probe, SourceError> {
+        let s = pg::connect(self.conn()?).await.map_err(failed)?;
+        let info = s.info().await.map_err(failed)?;
+        let mut details = BTreeMap::new();
+        details.insert("system_identifier".into(), info.system_identifier.clone());
+        details.insert("archive_mode".into(), info.archive_mode.clone());
+        Ok(Probe { description: format!("PostgreSQL {} at {}", info.version, info.data_directory), details })
+    }
+
+    async fn backup(&self, sink: &mut BackupSink) -> Result<BTreeMap<String, Value>, SourceError> {
+        let session = pg::connect(self.conn()?).await.map_err(failed)?;
+        let info = session.info().await.map_err(failed)?;
+        if info.in_recovery {
+            return Err(failed("the server is a standby; take base backups from the primary"));
+        }
+        if info.archive_mode == "off" {
+            return Err(failed(
+                "archive_mode is off: a base backup is restorable only with the WAL written during it; \
+                 set archive_mode = on and archive_command = 'agent-postgres wal-push %p'",
+            ));
+        }
+        let pgdata = self.pgdata.clone().unwrap_or_else(|| PathBuf::from(&info.data_directory));
+        if !pgdata.join("PG_VERSION").is_file() {
+            return Err(failed(format!(
+                "{} is not a PostgreSQL data directory this agent can read (no PG_VERSION); the agent must run beside the server",
+                pgdata.display()
+            )));
+        }
+        let tablespaces = session.tablespaces().await.map_err(failed)?;
+        let label = format!("coffer {}", sink.snapshot_id());
+        let (start_lsn, timeline) = session.backup_start(&info, &label, self.fast_checkpoint).await.map_err(failed)?;
+        tracing::info!(%start_lsn, timeline, checkpoint = if self.fast_checkpoint { "fast" } else { "spread" }, "base backup started");
+
+        let root = pgdata.clone();
+        let walked = tokio::task::spawn_blocking(move || {
+            let mut w = Walk::default();
+            walk(&root, "", &mut w, true).map(|()| w)
+        })
+        .await
+        .map_err(failed)??;
+        let (relations, others): (Vec<Entry>, Vec<Entry>) = walked.files.into_iter().partition(|e| e.relation);
+        let lazy = |v: Vec<Entry>| -> Vec<(String, LazyFile)> {
+            v.into_iter().map(|e| (e.rel, LazyFile { path: e.path, file: None, gone: false })).collect()
+        };
+        sink.add_files_cut(lazy(others), Cut::Content).await?;
+        sink.add_files_cut(lazy(relations), Cut::Fixed(self.block_size)).await?;
+
+        let (stop_lsn, backup_label, tablespace_map) = session.backup_stop(&info).await.map_err(failed)?;
+        let stop_time = coffer_common::time::rfc3339(coffer_common::time::now());
+        sink.add_bytes("backup_label", backup_label.clone().into_bytes()).await?;
+
+        let seg = info.wal_segment_size;
+        let (start, stop) = (
+            Lsn::parse(&start_lsn).ok_or_else(|| failed(format!("start LSN {start_lsn:?}")))?,
+            Lsn::parse(&stop_lsn).ok_or_else(|| failed(format!("stop LSN {stop_lsn:?}")))?,
+        );
+        let stop_wal = wal::segment_name(timeline, stop.segment(seg), seg);
+        // pg_backup_stop waited for the archiver; check the coordinator really holds it.
+        let held =
+            sink.coordinator().stream_files(sink.asset(), crate::WAL_STREAM, std::slice::from_ref(&stop_wal)).await?;
+        if held.is_empty() {
+            return Err(failed(format!(
+                "WAL segment {stop_wal} (holding the backup's stop LSN {stop_lsn}) is not archived in {}: \
+                 is archive_command set to 'agent-postgres wal-push %p' for this asset?",
+                sink.asset()
+            )));
+        }
+        let mut meta = BTreeMap::new();
+        meta.insert("pg_version".into(), json!(info.version));
+        meta.insert("pg_version_num".into(), json!(info.version_num));
+        meta.insert("system_identifier".into(), json!(info.system_identifier));
+        meta.insert("timeline".into(), json!(timeline));
+        meta.insert("start_lsn".into(), json!(start_lsn));
+        meta.insert("stop_lsn".into(), json!(stop_lsn));
+        meta.insert("start_wal".into(), json!(wal::segment_name(timeline, start.segment(seg), seg)));
+        meta.insert("stop_wal".into(), json!(stop_wal));
+        meta.insert("stop_time".into(), json!(stop_time));
+        meta.insert("label".into(), json!(label));
+        meta.insert("backup_label".into(), json!(backup_label));
+        meta.insert("tablespace_map".into(), json!(tablespace_map));
+        meta.insert("tablespaces".into(), json!(tablespaces.into_iter().collect::<BTreeMap<_, _>>()));
+        meta.insert("checkpoint".into(), json!(if self.fast_checkpoint { "fast" } else { "spread" }));
+        meta.insert("data_directory".into(), json!(pgdata.display().to_string()));
+        meta.insert("wal_segment_size".into(), json!(seg));
+        meta.insert("block_size".into(), json!(info.block_size));
+        meta.insert("relation_chunks".into(), json!(format!("fixed {} bytes", self.block_size)));
+        meta.insert("dirs".into(), json!(walked.dirs));
+        tracing::info!(%stop_lsn, %stop_wal, "base backup stopped");
+        Ok(meta)
+    }
+
+    async fn restore(&self, reader: &SnapshotReader, target: &Path) -> Result<(), SourceError> {
+        let m = reader.manifest();
+        if m.source.contains_key("stream") {
+            return Err(failed(format!("{} is a WAL stream entry, not a base backup", m.snapshot)));
+        }
+        recovery::prepare_target(target)?;
+        let str_list = |k: &str| -> Vec<String> {
+            m.source
+                .get(k)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        };
+        let tablespace_root = recovery::tablespace_root(target);
+        let tablespaces: Vec<String> = m
+            .source
+            .get("tablespaces")
+            .and_then(Value::as_object)
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        // pg_tblspc/<oid>/... lands in <target>.tablespaces/<oid>/..., linked from pg_tblspc.
+        let place = |rel: &str| -> PathBuf {
+            for oid in &tablespaces {
+                let prefix = format!("pg_tblspc/{oid}");
+                if rel == prefix {
+                    return tablespace_root.join(oid);
+                }
+                if let Some(rest) = rel.strip_prefix(&format!("{prefix}/")) {
+                    return tablespace_root.join(oid).join(rest);
+                }
+            }
+            target.join(rel)
+        };
+        for d in str_list("dirs") {
+            if !coffer_common::manifest::is_safe_relative_path(&d) {
+                return Err(failed(format!("manifest names an unsafe directory {d:?}")));
+            }
+            let p = place(&d);
+            std::fs::create_dir_all(&p).map_err(SourceError::io(format!("creating {}", p.display())))?;
+        }
+        for oid in &tablespaces {
+            let link = target.join("pg_tblspc").join(oid);
+            let dest = tablespace_root.join(oid);
+            std::fs::create_dir_all(&dest).map_err(SourceError::io(format!("creating {}", dest.display())))?;
+            if link.is_dir() && !link.is_symlink() {
+                std::fs::remove_dir(&link).map_err(SourceError::io(format!("replacing {}", link.display())))?;
+            }
+            std::os::unix::fs::symlink(&dest, &link).map_err(SourceError::io(format!("linking {}", link.display())))?;
+        }
+        let files: Vec<(String, PathBuf)> = m.files.iter().map(|f| (f.path.clone(), place(&f.path))).collect();
+        reader.restore_files(&files).await?;
+        recovery::write_recovery(target, m, &self.recovery, self.restore_config.as_ref())?;
+        Ok(())
+    }
+
+    async fn verify(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {
+        let mut r = VerifyReport { ok: true, ..Default::default() };
+        let version = std::fs::read_to_string(target.join("PG_VERSION")).unwrap_or_default();
+        let want = manifest.source.get("pg_version_num").and_then(Value::as_i64).unwrap_or(0) / 10_000;
+        if version.trim() == want.to_string() {
+            r.checks.push(format!("PG_VERSION is {want}"));
+        } else {
+            r.ok = false;
+            r.problems.push(format!("PG_VERSION is {:?}, the backup was of PostgreSQL {want}", version.trim()));
+        }
+        for f in ["backup_label", "recovery.signal", "global/pg_control"] {
+            if target.join(f).is_file() {
+                r.checks.push(format!("{f} present"));
+            } else {
+                r.ok = false;
+                r.problems.push(format!("{f} is missing"));
+            }
+        }
+        r.checks.push(format!("{} files restored, each matching its SHA-256", manifest.files.len()));
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relation_files_are_recognised() {
+        assert_eq!(relation_node("16384"), Some("16384"));
+        assert_eq!(relation_node("16384.12"), Some("16384"));
+        assert_eq!(relation_node("16384_fsm"), Some("16384"));
+        assert_eq!(relation_node("16384_init"), Some("16384"));
+        assert_eq!(relation_node("PG_VERSION"), None);
+        assert_eq!(relation_node("pg_filenode.map"), None);
+        assert_eq!(relation_node("1x"), None);
+    }
+
+    #[test]
+    fn walk_skips_what_postgres_rebuilds_and_unlogged_relations() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        for dir in ["base/5", "global", "pg_wal/archive_status", "pg_stat_tmp", "pg_tblspc"] {
+            std::fs::create_dir_all(p.join(dir)).unwrap();
+        }
+        for f in [
+            "PG_VERSION",
+            "postmaster.pid",
+            "base/5/100",
+            "base/5/100_vm",
+            "base/5/200",
+            "base/5/200_init",
+            "base/5/200_fsm",
+            "base/5/pg_internal.init",
+            "base/5/pgsql_tmp123",
+            "global/pg_control",
+            "pg_wal/000000010000000000000001",
+            "pg_stat_tmp/global.stat",
+        ] {
+            std::fs::write(p.join(f), b"x").unwrap();
+        }
+        let mut w = Walk::default();
+        walk(p, "", &mut w, true).unwrap();
+        let files: Vec<(&str, bool)> = w.files.iter().map(|e| (e.rel.as_str(), e.relation)).collect();
+        assert_eq!(
+            files,
+            [
+                ("PG_VERSION", false),
+                ("base/5/100", true),
+                ("base/5/100_vm", true),
+                ("base/5/200_init", true),
+                ("global/pg_control", false),
+            ]
+        );
+        for d in ["base", "base/5", "global", "pg_wal", "pg_wal/archive_status", "pg_stat_tmp", "pg_tblspc"] {
+            assert!(w.dirs.iter().any(|x| x == d), "{d} missing from {:?}", w.dirs);
+        }
+    }
+}
