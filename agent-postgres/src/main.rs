@@ -6,7 +6,6 @@ mod drill;
 mod pg;
 mod recovery;
 mod source;
-mod wal;
 mod walpush;
 
 use std::path::PathBuf;
@@ -20,7 +19,7 @@ use coffer_common::units::parse_size;
 
 use crate::recovery::{RecoveryTarget, RestoreConfig};
 use crate::source::PgSource;
-use crate::wal::Lsn;
+use coffer_common::pgwal::Lsn;
 
 /// The stream WAL files are archived in.
 pub const WAL_STREAM: &str = "wal";

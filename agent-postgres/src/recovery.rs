@@ -11,7 +11,7 @@ use coffer_proto::v1 as pb;
 use serde_json::Value;
 
 use crate::WAL_STREAM;
-use crate::wal::{self, Continuity, Lsn};
+use coffer_common::pgwal::{self as wal, Continuity, Lsn};
 
 /// The agent config a restored server's `restore_command` runs `wal-fetch` with.
 pub const RESTORE_CONFIG: &str = "coffer-restore.toml";

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::pg;
 use crate::recovery::{self, RecoveryTarget};
-use crate::wal::{self, Lsn};
+use coffer_common::pgwal::{self as wal, Lsn};
 
 /// Directories whose contents PostgreSQL documents as safe to leave out of a base backup
 /// (they are recreated or rebuilt at start-up); the directories themselves are kept.

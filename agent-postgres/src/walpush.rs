@@ -24,7 +24,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::WAL_STREAM;
-use crate::wal::{self, WalFile};
+use coffer_common::pgwal::{self as wal, WalFile};
 
 /// Marker directory (inside pg_wal) for segments pushed ahead of PostgreSQL's request.
 const PUSHED_DIR: &str = ".coffer-pushed";

@@ -163,6 +163,17 @@ impl Pg {
     }
 }
 
+fn asset_status(coord: &Coordinator, certs: &Path, asset: &str) -> serde_json::Value {
+    let o = coord.grpcurl(
+        certs,
+        "admin-ops",
+        &["-d", &format!("{{\"asset\":\"{asset}\"}}")],
+        "coffer.v1.AdminService/AssetStatus",
+    );
+    assert!(o.status.success(), "AssetStatus: {}", kit::stderr(&o));
+    serde_json::from_str::<serde_json::Value>(&kit::stdout(&o)).unwrap()["status"].clone()
+}
+
 fn pg_agent(coord: &Coordinator, certs: &Path, dir: &Path, pg: &Pg) -> Command {
     let mut c = kit::agent("agent-postgres", coord, certs, "pg-1", dir, "postgres/main");
     c.args(["--pg-conn", &pg.conn()]);
@@ -173,7 +184,7 @@ fn pg_agent(coord: &Coordinator, certs: &Path, dir: &Path, pg: &Pg) -> Command {
 fn point_in_time_restore_is_exact_and_the_drill_proves_it() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let certs = kit::certs(&d.join("certs"), &["pg-1"], &[]);
+    let certs = kit::certs(&d.join("certs"), &["pg-1"], &["ops"]);
     let mut coord = Coordinator::start(d, &certs, GRANTS);
     let env = agent_env(&coord, &certs, d, "postgres/main");
     // The agent identity exists before the server's archive_command first needs it.
@@ -219,6 +230,15 @@ fn point_in_time_restore_is_exact_and_the_drill_proves_it() {
     assert!(info.contains("base backups: 2"), "{info}");
     assert!(info.contains("recovery window:") && info.contains("(continuous)"), "{info}");
     assert!(!info.contains("GAP"), "{info}");
+    // The coordinator knows the stream and the window too: status and metrics.
+    let status = asset_status(&coord, &certs, "postgres/main");
+    let wal = &status["streams"][0];
+    assert_eq!(wal["stream"], "wal", "{status}");
+    assert!(wal["windowStart"].as_str().is_some_and(|w| !w.is_empty()), "{status}");
+    assert!(wal.get("gaps").is_none(), "{status}");
+    let (_, text) = kit::http_get(&coord.metrics_url);
+    let series = "coffer_asset_stream_gaps{asset=\"postgres/main\",kind=\"postgres\",stream=\"wal\"}";
+    assert_eq!(kit::metric(&text, series), Some(0.0), "{text}");
 
     // Point-in-time restore: chooses the first base (the second starts after the target).
     let restored = d.join("restored");
@@ -300,7 +320,7 @@ fn point_in_time_restore_is_exact_and_the_drill_proves_it() {
 fn wal_push_is_idempotent_refuses_changed_content_and_wal_fetch_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let certs = kit::certs(&d.join("certs"), &["pg-1"], &[]);
+    let certs = kit::certs(&d.join("certs"), &["pg-1"], &["ops"]);
     let mut coord = Coordinator::start(d, &certs, GRANTS);
     let wal = d.join("pg_wal");
     std::fs::create_dir_all(wal.join("archive_status")).unwrap();
@@ -341,6 +361,13 @@ fn wal_push_is_idempotent_refuses_changed_content_and_wal_fetch_exit_codes() {
     assert_eq!(o.status.code(), Some(1), "{}", kit::stderr(&o));
     let o = kit::run(&mut agent(&coord, &["wal-fetch", "00000002.history", "pg_wal/RECOVERYHISTORY"]));
     assert_eq!(o.status.code(), Some(1));
+    // Segment 5 without 4: the coordinator reports the gap.
+    std::fs::write(wal.join(seg(5)), kit::random_bytes(1 << 20, 5)).unwrap();
+    kit::ok(&mut agent(&coord, &["wal-push", &format!("pg_wal/{}", seg(5))]));
+    let status = asset_status(&coord, &certs, "postgres/wal");
+    assert_eq!(status["streams"][0]["gaps"][0], format!("timeline 1: {}..{}", seg(4), seg(4)), "{status}");
+    assert_eq!(status["streams"][0]["files"], "4", "{status}");
+
     // Prefetch: fetching 1 brings 2 and 3 along; asking for 2 then needs no coordinator.
     kit::ok(&mut agent(&coord, &["wal-fetch", &seg(1), "pg_wal/RECOVERYXLOG"]));
     assert_eq!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap(), kit::random_bytes(1 << 20, 1));

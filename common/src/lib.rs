@@ -11,6 +11,7 @@ pub mod identity;
 pub mod keyring;
 pub mod layered;
 pub mod manifest;
+pub mod pgwal;
 pub mod runtime;
 pub mod signing;
 pub mod telemetry;

@@ -16,4 +16,5 @@ pub mod server;
 pub mod service;
 pub mod sessions;
 pub mod store;
+pub mod streams;
 pub mod verify;

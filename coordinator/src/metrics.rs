@@ -80,7 +80,21 @@ pub async fn render(state: &Shared) -> Result<String, String> {
     let snapshots = Family::<Labels, Gauge>::default();
     let rebuildable = Family::<Labels, Gauge>::default();
     let copy_lag = Family::<Labels, FGauge>::default();
+    let stream_newest = Family::<Labels, FGauge>::default();
+    let stream_gaps = Family::<Labels, Gauge>::default();
+    let window_start = Family::<Labels, FGauge>::default();
     for a in &assets {
+        for s in state.stream_summaries(a).await.map_err(|e| e.to_string())? {
+            let mut l = asset_labels(&a.name, &a.kind);
+            l.push(("stream".into(), s.stream.clone()));
+            if let Some(at) = s.newest_at {
+                stream_newest.get_or_create(&l).set(at as f64);
+            }
+            stream_gaps.get_or_create(&l).set(s.gaps.len() as i64);
+            if let Some((start, _)) = s.window {
+                window_start.get_or_create(&l).set(start as f64);
+            }
+        }
         let policy = state.config.policy_for(&a.name);
         let copies = state.catalog.replication_state(&a.name).await.map_err(|e| e.to_string())?;
         for target in policy.copies.iter().filter(|t| state.config.targets.contains_key(t.as_str())) {
@@ -118,6 +132,17 @@ pub async fn render(state: &Shared) -> Result<String, String> {
         "asset_newest_recovery_point_timestamp_seconds",
         "Unix time the asset's newest recovery point was taken",
         newest,
+    );
+    reg.register(
+        "asset_stream_newest_timestamp_seconds",
+        "Unix time the newest entry of the asset's stream (Postgres WAL) was committed",
+        stream_newest,
+    );
+    reg.register("asset_stream_gaps", "Missing ranges in the asset's stream (Postgres WAL segments)", stream_gaps);
+    reg.register(
+        "asset_recovery_window_start_timestamp_seconds",
+        "Start of the continuous point-in-time window (Postgres: the oldest base backup the archived WAL replays from)",
+        window_start,
     );
     reg.register(
         "asset_expected_interval_seconds",

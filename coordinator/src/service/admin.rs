@@ -115,6 +115,27 @@ impl AdminApi {
         Ok(c)
     }
 
+    async fn streams(&self, a: &AssetRow) -> Result<Vec<pb::StreamStatus>> {
+        let now = coffer_common::time::unix_seconds(coffer_common::time::now());
+        let t = |s: i64| coffer_common::time::rfc3339(coffer_common::time::from_unix_seconds(s));
+        Ok(self
+            .state
+            .stream_summaries(a)
+            .await?
+            .into_iter()
+            .map(|s| pb::StreamStatus {
+                stream: s.stream,
+                files: s.files,
+                newest_file: s.newest_file,
+                newest_at: s.newest_at.map(t).unwrap_or_default(),
+                newest_age_seconds: s.newest_at.map(|n| (now - n).max(0) as u64).unwrap_or(0),
+                gaps: s.gaps,
+                window_start: s.window.map(|w| t(w.0)).unwrap_or_default(),
+                window_end: s.window.map(|w| t(w.1)).unwrap_or_default(),
+            })
+            .collect())
+    }
+
     fn status(&self, a: &AssetRow, last: Option<&AttemptRow>, copies: Copies) -> pb::AssetStatus {
         let now = coffer_common::time::unix_seconds(coffer_common::time::now());
         let policy = self.state.config.policy_for(&a.name);
@@ -158,6 +179,7 @@ impl AdminApi {
                 None => String::new(),
             },
             rebuildable: policy.rebuildable,
+            streams: Vec::new(),
         }
     }
 
@@ -168,7 +190,9 @@ impl AdminApi {
         let target_errors = self.state.catalog.target_errors().await?;
         let mut out = Vec::with_capacity(assets.len());
         for a in &assets {
-            out.push(self.status(a, last.get(&a.name), self.copies(a, &target_errors).await?));
+            let mut st = self.status(a, last.get(&a.name), self.copies(a, &target_errors).await?);
+            st.streams = self.streams(a).await?;
+            out.push(st);
         }
         Ok(pb::ListAssetsResponse { assets: out })
     }
@@ -183,9 +207,9 @@ impl AdminApi {
             .ok_or_else(|| ServiceError::NotFound(format!("no asset {name:?}")))?;
         let last = self.state.catalog.last_attempts().await?;
         let target_errors = self.state.catalog.target_errors().await?;
-        Ok(pb::AssetStatusResponse {
-            status: Some(self.status(a, last.get(name), self.copies(a, &target_errors).await?)),
-        })
+        let mut status = self.status(a, last.get(name), self.copies(a, &target_errors).await?);
+        status.streams = self.streams(a).await?;
+        Ok(pb::AssetStatusResponse { status: Some(status) })
     }
 
     async fn list_snapshots_inner(

@@ -36,6 +36,8 @@ pub struct State {
     pub prune_lock: tokio::sync::Mutex<()>,
     /// Serializes stream-entry commits, so a name's content check and its commit are one step.
     pub stream_lock: tokio::sync::Mutex<()>,
+    /// Postgres base-backup facts read from manifests, for stream status.
+    pub base_cache: crate::streams::BaseCache,
 }
 
 impl State {
@@ -50,6 +52,7 @@ impl State {
             trigger_lock: Default::default(),
             metrics: Default::default(),
             stream_lock: Default::default(),
+            base_cache: Default::default(),
             collecting: Default::default(),
             prune_lock: Default::default(),
         }

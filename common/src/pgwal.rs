@@ -1,5 +1,5 @@
-//! PostgreSQL WAL naming: segment file names, LSNs, and the continuity of an archived
-//! stream (which segments are there, where the gaps are).
+//! PostgreSQL WAL naming (shared by agent-postgres and the coordinator's stream status):
+//! segment file names, LSNs, and the continuity of an archived stream (runs and gaps).
 //!
 //! A segment file is named `TTTTTTTTXXXXXXXXYYYYYYYY`: timeline, then the segment number
 //! split into "log" and "seg" parts (`segments per log = 0x1_0000_0000 / segment size`).
