@@ -35,8 +35,9 @@ const PREFIX_LEN: usize = HEADER_LEN + NONCE_LEN;
 const TAG_LEN: usize = 16;
 /// Largest stored chunk: the largest plaintext, uncompressed, plus header, nonce and tag.
 pub const MAX_STORED_CHUNK: usize = MAX_CHUNK_SIZE as usize + PREFIX_LEN + TAG_LEN;
-/// zstd level used for chunks: level 1 keeps compression off the critical path.
-const ZSTD_LEVEL: i32 = 1;
+/// Default zstd level for chunks: level 1 keeps compression off the critical path. Sources
+/// whose data pays for more (database indexes) ask for a higher one per backup.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 /// Keyed HMAC-SHA256 of a chunk's plaintext: storage never learns plaintext hashes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -171,6 +172,11 @@ impl ChunkCipher {
     /// Compresses (unless it does not help) and encrypts one chunk. Compression writes
     /// straight into the output buffer with a per-thread zstd context.
     pub fn seal(&self, id: &ChunkId, plaintext: &[u8]) -> Vec<u8> {
+        self.seal_level(id, plaintext, DEFAULT_ZSTD_LEVEL)
+    }
+
+    /// [`ChunkCipher::seal`] at zstd `level` (the stored format is the same at any level).
+    pub fn seal_level(&self, id: &ChunkId, plaintext: &[u8], level: i32) -> Vec<u8> {
         let bound = zstd::zstd_safe::compress_bound(plaintext.len());
         let mut nonce = [0u8; NONCE_LEN];
         getrandom::getrandom(&mut nonce).expect("the operating system's random source failed");
@@ -180,8 +186,11 @@ impl ChunkCipher {
         out.set_position(PREFIX_LEN as u64);
         let compressed = COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
+            if c.as_ref().is_none_or(|(l, _)| *l != level) {
+                *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
+            }
             match c.as_mut() {
-                Some(c) => c.compress_to_buffer(plaintext, &mut out).ok(),
+                Some((_, c)) => c.compress_to_buffer(plaintext, &mut out).ok(),
                 None => None,
             }
         });
@@ -285,8 +294,8 @@ impl ChunkCipher {
 
 thread_local! {
     /// zstd contexts are reused per thread instead of allocated per chunk.
-    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
-        std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
     /// A compressed chunk is decrypted here before it is decompressed into its place.
@@ -393,6 +402,22 @@ mod tests {
         let (a, b) = (c.seal(&id, b"same plaintext"), c.seal(&id, b"same plaintext"));
         assert_ne!(a[HEADER_LEN..PREFIX_LEN], b[HEADER_LEN..PREFIX_LEN]);
         assert_eq!(c.open(&id, &a, 14).unwrap(), c.open(&id, &b, 14).unwrap());
+    }
+
+    #[test]
+    fn every_level_opens_the_same_and_higher_levels_compress_more() {
+        let c = cipher();
+        let text: Vec<u8> =
+            (0..200_000u32).flat_map(|i| format!("row {} value {}\n", i % 977, i % 13).into_bytes()).collect();
+        let id = c.chunk_id(&text);
+        let fast = c.seal_level(&id, &text, 1);
+        let small = c.seal_level(&id, &text, 9);
+        assert!(small.len() < fast.len(), "level 9 {} vs level 1 {}", small.len(), fast.len());
+        // Alternating levels on one thread reuse the right context each time.
+        assert_eq!(c.seal_level(&id, &text, 1).len(), fast.len());
+        for s in [&fast, &small] {
+            assert_eq!(c.open(&id, s, text.len()).unwrap(), text);
+        }
     }
 
     #[test]

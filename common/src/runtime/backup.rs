@@ -57,6 +57,8 @@ pub struct PipelineOptions {
     /// Fetch the asset's newest snapshot for [`BackupSink::previous`]. Off for stream
     /// entries (WAL segments), which never build on an earlier snapshot.
     pub fetch_previous: bool,
+    /// zstd level chunks are compressed at.
+    pub zstd_level: i32,
 }
 
 impl Default for PipelineOptions {
@@ -67,6 +69,7 @@ impl Default for PipelineOptions {
             quiet: false,
             job_id: String::new(),
             fetch_previous: true,
+            zstd_level: crate::crypto::DEFAULT_ZSTD_LEVEL,
         }
     }
 }
@@ -155,7 +158,7 @@ impl BackupSink {
             tokio::spawn(
                 dedup_stage(coord.clone(), asset.to_string(), id_rx, seal_tx, stats.clone()).in_current_span(),
             ),
-            tokio::spawn(seal_stage(cipher.clone(), seal_rx, up_tx, opts.workers).in_current_span()),
+            tokio::spawn(seal_stage(cipher.clone(), seal_rx, up_tx, opts.workers, opts.zstd_level).in_current_span()),
             tokio::spawn(upload_stage(coord.clone(), begun.snapshot_id.clone(), up_rx).in_current_span()),
         ];
         tracing::info!(asset, snapshot = %begun.snapshot_id, incremental_from = previous.as_ref().map(|p| p.info.id.as_str()), "backup started");
@@ -465,29 +468,50 @@ fn read_and_chunk<R: Read + Send + 'static>(
     progress: &Progress,
     stats: &BackupStats,
 ) -> std::io::Result<(u64, [u8; 32])> {
-    use std::sync::mpsc::sync_channel;
+    use std::sync::mpsc::{TryRecvError, sync_channel};
     const BUFFERS: usize = 4;
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(BUFFERS);
-    for _ in 0..BUFFERS {
-        free_tx.send(vec![0u8; READ_BUFFER]).expect("channel has room");
-    }
     let (read_tx, read_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS);
     let (hashed_tx, hashed_rx) = sync_channel::<(Vec<u8>, usize)>(BUFFERS);
     let reader_thread = std::thread::spawn(move || -> std::io::Result<u64> {
         let mut total = 0u64;
-        // A closed channel means the consumer stopped; its error is reported there.
-        while let Ok(mut buf) = free_rx.recv() {
+        let mut allocated = 0;
+        loop {
+            // Buffers come from the shared pool as needed (a small file takes one), then
+            // circulate; a closed channel means the consumer stopped (it reports why).
+            let mut buf = match free_rx.try_recv() {
+                Ok(b) => b,
+                Err(TryRecvError::Empty) if allocated < BUFFERS => {
+                    allocated += 1;
+                    take_read_buffer()
+                }
+                Err(_) => match free_rx.recv() {
+                    Ok(b) => b,
+                    Err(_) => break,
+                },
+            };
             let n = loop {
                 match reader.read(&mut buf) {
                     Ok(n) => break n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        give_read_buffer(buf);
+                        return Err(e);
+                    }
                 }
             };
-            if n == 0 || read_tx.send((buf, n)).is_err() {
+            if n == 0 {
+                give_read_buffer(buf);
+                break;
+            }
+            if let Err(e) = read_tx.send((buf, n)) {
+                give_read_buffer(e.0.0);
                 break;
             }
             total += n as u64;
+        }
+        for b in free_rx.try_iter() {
+            give_read_buffer(b);
         }
         Ok(total)
     });
@@ -518,7 +542,9 @@ fn read_and_chunk<R: Read + Send + 'static>(
                     emit(c)?;
                 }
             }
-            let _ = free_tx.send(buf);
+            if let Err(e) = free_tx.send(buf) {
+                give_read_buffer(e.0);
+            }
         }
         while let Some(c) = chunker.finish() {
             emit(c)?;
@@ -528,6 +554,23 @@ fn read_and_chunk<R: Read + Send + 'static>(
     let size = reader_thread.join().map_err(|_| std::io::Error::other("reader thread panicked"))??;
     let sha = hasher.join().map_err(|_| std::io::Error::other("hash thread panicked"))?;
     chunked.map(|()| (size, sha))
+}
+
+/// Read buffers kept between files, so a backup of many small files does not allocate and
+/// zero four fresh 1 MiB buffers per file (measured: 4 GB of memset for a 1000-file
+/// PostgreSQL data directory). At most this many are kept.
+const POOLED_READ_BUFFERS: usize = 16;
+static READ_BUFFER_POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+fn take_read_buffer() -> Vec<u8> {
+    READ_BUFFER_POOL.lock().expect("read buffer pool").pop().unwrap_or_else(|| vec![0u8; READ_BUFFER])
+}
+
+fn give_read_buffer(buf: Vec<u8>) {
+    let mut pool = READ_BUFFER_POOL.lock().expect("read buffer pool");
+    if pool.len() < POOLED_READ_BUFFERS && buf.len() == READ_BUFFER {
+        pool.push(buf);
+    }
 }
 
 /// Batches ids, asks the coordinator which are missing, forwards only those (once each).
@@ -586,12 +629,13 @@ async fn seal_stage(
     rx: mpsc::Receiver<Pending>,
     tx: mpsc::Sender<Sealed>,
     workers: usize,
+    level: i32,
 ) -> Result<(), ClientError> {
     let mut sealed = ReceiverStream::new(rx)
         .map(|p| {
             let cipher = cipher.clone();
             tokio::task::spawn_blocking(move || Sealed {
-                data: cipher.seal(&p.id, &p.chunk),
+                data: cipher.seal_level(&p.id, &p.chunk, level),
                 id: p.id,
                 permit: p.permit,
             })

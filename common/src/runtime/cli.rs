@@ -47,6 +47,10 @@ pub struct AgentArgs {
     /// Bytes of chunk data in flight (reading to acknowledgement).
     #[arg(long, global = true, env = "COFFER_MEMORY_BUDGET", default_value = "24MiB", value_parser = parse_size)]
     pub memory_budget: u64,
+    /// zstd level for chunks (default: the agent's own, 1 for most; higher compresses more
+    /// and costs CPU).
+    #[arg(long, global = true, env = "COFFER_COMPRESSION_LEVEL", value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub compression_level: Option<i32>,
     /// Parallel download streams during restore.
     #[arg(long, global = true, env = "COFFER_RESTORE_PARALLEL", default_value_t = 4)]
     pub restore_parallel: usize,
@@ -111,7 +115,12 @@ impl AgentArgs {
     }
 
     pub fn pipeline(&self) -> PipelineOptions {
-        PipelineOptions { memory_budget: self.memory_budget as usize, quiet: self.quiet, ..Default::default() }
+        PipelineOptions {
+            memory_budget: self.memory_budget as usize,
+            quiet: self.quiet,
+            zstd_level: self.compression_level.unwrap_or(crate::crypto::DEFAULT_ZSTD_LEVEL),
+            ..Default::default()
+        }
     }
 
     pub fn restore_options(&self) -> RestoreOptions {
@@ -218,7 +227,11 @@ pub async fn backup_job<S: Source>(ctx: &AgentContext, source: &S, job_id: &str)
 }
 
 async fn backup_inner<S: Source>(ctx: &AgentContext, source: &S, job_id: &str) -> Result<pb::SnapshotInfo, CliError> {
-    let opts = PipelineOptions { job_id: job_id.to_string(), ..ctx.args.pipeline() };
+    let opts = PipelineOptions {
+        job_id: job_id.to_string(),
+        zstd_level: ctx.args.compression_level.unwrap_or(source.compression_level()),
+        ..ctx.args.pipeline()
+    };
     let mut sink = BackupSink::begin(&ctx.coord, &ctx.keyring, &ctx.asset, source.kind(), opts).await?;
     match source.backup(&mut sink).await {
         Ok(meta) => Ok(sink.commit(&ctx.identity, meta).await?),

@@ -67,6 +67,11 @@ pub trait Source: Send + Sync {
     /// Asset kind (`git`, `postgres`, ...): the part of the asset name before `/`.
     fn kind(&self) -> &'static str;
 
+    /// zstd level for this source's chunks (`--compression-level` overrides it).
+    fn compression_level(&self) -> i32 {
+        crate::crypto::DEFAULT_ZSTD_LEVEL
+    }
+
     /// Checks that the source is reachable and describes it.
     fn probe(&self) -> impl Future<Output = Result<Probe, SourceError>> + Send;
 
