@@ -375,3 +375,57 @@ fn wal_push_is_idempotent_refuses_changed_content_and_wal_fetch_exit_codes() {
     kit::ok(&mut agent(&coord, &["wal-fetch", &seg(2), "pg_wal/RECOVERYXLOG"]));
     assert_eq!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap(), kit::random_bytes(1 << 20, 2));
 }
+
+#[test]
+fn archiving_survives_a_coordinator_outage_and_base_backups_need_archiving() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = kit::certs(&d.join("certs"), &["pg-1"], &[]);
+    let mut coord = Coordinator::start(d, &certs, GRANTS);
+    let env = agent_env(&coord, &certs, d, "postgres/main");
+    kit::ok(kit::agent("agent-postgres", &coord, &certs, "pg-1", d, "postgres/main").arg("list"));
+    let mut pg = Pg::init(d, &env);
+    pg.sql("CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL)");
+    pg.sql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 1000) g");
+    kit::ok(pg_agent(&coord, &certs, d, &pg).arg("backup"));
+
+    // The coordinator goes away: archive_command fails, PostgreSQL keeps the segments and
+    // retries; nothing is recycled.
+    coord.stop();
+    pg.sql("INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1001, 3000) g");
+    let pending = pg.sql("SELECT pg_walfile_name(pg_switch_wal())");
+    kit::wait_for("a failed archive attempt", Duration::from_secs(60), || {
+        (pg.sql("SELECT failed_count FROM pg_stat_archiver") != "0").then_some(())
+    });
+    assert!(pg.data.join("pg_wal/archive_status").join(format!("{pending}.ready")).exists(), "the segment waits");
+    let at_outage = pg.digest();
+
+    // Back on the same address: the backlog is archived and the stream has no gap.
+    coord.launch();
+    kit::wait_for(&format!("{pending} archived after the outage"), Duration::from_secs(120), || {
+        (pg.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").as_str() >= pending.as_str())
+            .then_some(())
+    });
+    let info = kit::ok(pg_agent(&coord, &certs, d, &pg).arg("info"));
+    assert!(!info.contains("GAP") && info.contains("(continuous)"), "{info}");
+    pg.switch_and_archive();
+    let restored = d.join("restored");
+    kit::ok(pg_agent(&coord, &certs, d, &pg).args(["restore", "--to"]).arg(&restored));
+    let mut copy = Pg { proc: None, data: restored, sock: d.join("sock2"), port: kit::free_port() };
+    std::fs::create_dir_all(&copy.sock).unwrap();
+    give_to_postgres(d);
+    copy.start(&env, &["archive_mode=off"]);
+    kit::wait_for("recovery to finish", Duration::from_secs(120), || {
+        (copy.sql("SELECT pg_is_in_recovery()") == "f").then_some(())
+    });
+    assert_eq!(copy.digest(), at_outage, "everything written during the outage is restorable");
+    drop(copy);
+
+    // Without archiving a base backup could never be made consistent: refused, clearly.
+    pg.proc = None;
+    pg.start(&env, &["archive_mode=off"]);
+    let o = kit::run(pg_agent(&coord, &certs, d, &pg).arg("backup"));
+    assert!(!o.status.success());
+    assert!(kit::stderr(&o).contains("archive_mode is off"), "{}", kit::stderr(&o));
+    coord.stop();
+}
