@@ -238,3 +238,80 @@ fn a_new_coordinator_rebuilt_from_the_copy_alone_restores_and_names_a_tampered_m
     kit::ok(agent(&fresh).args(["restore", "--snapshot", &good]).arg("--to").arg(&to));
     assert_eq!(kit::refs(&to), refs_at_good);
 }
+
+#[test]
+fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_moto, port) = moto(dir);
+    s3(port, "s3.create_bucket(Bucket='primary')");
+    std::fs::write(dir.join("ak"), "test").unwrap();
+    std::fs::write(dir.join("sk"), "test").unwrap();
+    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
+    let config = format!(
+        "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+         [policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\n\
+         [targets.s3]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"primary\"\n\
+         access-key-file = {:?}\nsecret-key-file = {:?}\n",
+        dir.join("ak"),
+        dir.join("sk")
+    );
+    let coord = Coordinator::start(dir, &certs, &config);
+    let repo = kit::git_repo(&dir.join("src"), &[("a.txt", &kit::random_bytes(300_000, 1))]);
+    let (snap, _, _) = kit::backup_line(&kit::ok(
+        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
+            .arg("--work-dir")
+            .arg(dir.join("w"))
+            .arg("--repo")
+            .arg(&repo)
+            .arg("backup"),
+    ));
+    let manifest_key = format!("manifests/git/a/{snap}.manifest");
+    let verify = |body: &str| -> serde_json::Value {
+        let o = coord.grpcurl(&certs, "admin-ops", &["-d", body], "coffer.v1.AdminService/Verify");
+        assert!(o.status.success(), "Verify: {}", kit::stderr(&o));
+        serde_json::from_str(&kit::stdout(&o)).unwrap()
+    };
+    let listed = || s3(port, "for o in s3.list_objects_v2(Bucket='primary').get('Contents', []): print(o['Key'])");
+    kit::wait_for("the manifest copied", Duration::from_secs(60), || listed().contains(&manifest_key).then_some(()));
+    let pack_key = listed().lines().find(|k| k.ends_with(".pack")).expect("a pack in the bucket").to_string();
+
+    // Fast: the store's SHA-256 of every object matches what was sent; nothing downloaded.
+    let v = verify("{\"target\":\"s3\",\"all\":true}");
+    assert!(v["objects"].as_str().is_some_and(|n| n.parse::<u64>().unwrap() >= 4), "{v}");
+    assert!(v.get("copyProblems").is_none(), "{v}");
+    // Routine (not --all): everything was just verified, nothing is due.
+    let v = verify("{\"target\":\"s3\"}");
+    assert!(v.get("objects").is_none(), "nothing due: {v}");
+
+    // Damage the copy behind the coordinator's back: a pack overwritten, a manifest deleted.
+    s3(
+        port,
+        &format!(
+            "b = bytearray(s3.get_object(Bucket='primary', Key='{pack_key}')['Body'].read())\nb[40] ^= 0xff\n\
+             s3.put_object(Bucket='primary', Key='{pack_key}', Body=bytes(b))\n\
+             s3.delete_object(Bucket='primary', Key='{manifest_key}')"
+        ),
+    );
+    let deep = verify("{\"target\":\"s3\",\"all\":true,\"deep\":true}");
+    let problems = deep["copyProblems"].as_array().cloned().unwrap_or_default();
+    let about =
+        |key: &str| problems.iter().find(|p| p["key"] == key).map(|p| p["problem"].as_str().unwrap().to_string());
+    assert!(about(&pack_key).is_some_and(|p| p.contains("hashes to")), "{deep}");
+    assert!(about(&manifest_key).is_some_and(|p| p.contains("missing")), "{deep}");
+    assert_eq!(problems.len(), 2, "{deep}");
+    let (_, text) = kit::http_get(&coord.metrics_url);
+    assert_eq!(kit::metric(&text, "coffer_target_verify_failures{target=\"s3\"}"), Some(2.0), "{text}");
+
+    // Repair: the replication job uploads both again from the local copy.
+    let local_pack = std::fs::read(coord.data_dir.join("repo").join(&pack_key)).unwrap();
+    kit::wait_for("the pack and manifest uploaded again", Duration::from_secs(60), || {
+        let remote = s3(
+            port,
+            &format!("sys.stdout.write(s3.get_object(Bucket='primary', Key='{pack_key}')['Body'].read().hex())"),
+        );
+        (remote.trim() == hex(&local_pack) && listed().contains(&manifest_key)).then_some(())
+    });
+    let v = verify("{\"target\":\"s3\",\"all\":true,\"deep\":true}");
+    assert!(v.get("copyProblems").is_none(), "after repair: {v}");
+}

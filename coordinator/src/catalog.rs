@@ -362,6 +362,17 @@ impl Catalog {
         if !has_stream {
             sqlx::query("ALTER TABLE snapshots ADD COLUMN stream TEXT NOT NULL DEFAULT ''").execute(&pool).await?;
         }
+        // Copy verification columns (catalogs from before it).
+        for (col, ty) in [("sha256", "TEXT"), ("verified_ms", "INTEGER"), ("verify_error", "TEXT")] {
+            let has = sqlx::query("SELECT 1 FROM pragma_table_info('replication') WHERE name = ?")
+                .bind(col)
+                .fetch_optional(&pool)
+                .await?
+                .is_some();
+            if !has {
+                sqlx::query(&format!("ALTER TABLE replication ADD COLUMN {col} {ty}")).execute(&pool).await?;
+            }
+        }
         Ok(Catalog { pool })
     }
 
@@ -529,14 +540,68 @@ impl Catalog {
         .collect())
     }
 
-    pub async fn replication_done(&self, target: &str, key: &str, now_ms: i64) -> Result<()> {
-        sqlx::query("UPDATE replication SET done_ms = ?, attempts = attempts + 1, last_error = NULL WHERE target = ? AND key = ?")
-            .bind(now_ms)
-            .bind(target)
-            .bind(key)
-            .execute(&self.pool)
-            .await?;
+    /// An object is in the target; `sha256` (hex) is what was sent, for verification.
+    pub async fn replication_done(&self, target: &str, key: &str, now_ms: i64, sha256: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "UPDATE replication SET done_ms = ?, attempts = attempts + 1, last_error = NULL, sha256 = ?,
+                    verified_ms = NULL, verify_error = NULL
+             WHERE target = ? AND key = ?",
+        )
+        .bind(now_ms)
+        .bind(sha256)
+        .bind(target)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
         Ok(())
+    }
+
+    /// Objects a target holds (by the catalog) whose last verification is older than
+    /// `due_before_ms` or absent: (key, sha256 sent).
+    pub async fn copies_to_verify(&self, target: &str, due_before_ms: i64) -> Result<Vec<(String, Option<String>)>> {
+        Ok(sqlx::query(
+            "SELECT key, sha256 FROM replication
+             WHERE target = ? AND done_ms IS NOT NULL AND (verified_ms IS NULL OR verified_ms < ?) ORDER BY key",
+        )
+        .bind(target)
+        .bind(due_before_ms)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+    }
+
+    /// Records a verification. A failed one puts the object back in the queue (the next
+    /// replication pass uploads it again from the local copy: repair).
+    pub async fn record_verify(&self, target: &str, key: &str, now_ms: i64, error: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "UPDATE replication SET verified_ms = ?, verify_error = ?,
+                    done_ms = CASE WHEN ? IS NULL THEN done_ms ELSE NULL END
+             WHERE target = ? AND key = ?",
+        )
+        .bind(now_ms)
+        .bind(error)
+        .bind(error)
+        .bind(target)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Per target: objects verified, failing verification, and the oldest verification time.
+    pub async fn verify_state(&self) -> Result<BTreeMap<String, (i64, i64, Option<i64>)>> {
+        Ok(sqlx::query(
+            "SELECT target, SUM(verified_ms IS NOT NULL AND verify_error IS NULL), SUM(verify_error IS NOT NULL),
+                    MIN(verified_ms)
+             FROM replication GROUP BY target",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+        .collect())
     }
 
     pub async fn replication_failed(&self, target: &str, key: &str, error: &str) -> Result<()> {

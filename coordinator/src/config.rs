@@ -77,6 +77,9 @@ pub struct Config {
     /// How often the replication job looks for objects to copy.
     #[serde(default = "default_replication_interval", with = "serde_duration")]
     pub replication_interval: Duration,
+    /// A routine copy verification re-checks an object verified longer ago than this.
+    #[serde(default = "default_verify_recheck", with = "serde_duration")]
+    pub verify_recheck: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -111,6 +114,9 @@ fn default_grace() -> Duration {
 }
 fn default_replication_interval() -> Duration {
     Duration::from_secs(10)
+}
+fn default_verify_recheck() -> Duration {
+    Duration::from_secs(30 * 86_400)
 }
 fn default_metrics_listen() -> String {
     "127.0.0.1:9464".into()

@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod certs;
 pub mod config;
+pub mod copyverify;
 pub mod jobs;
 pub mod metrics;
 pub mod policy;

@@ -41,10 +41,22 @@ enum Cmd {
         #[arg(long, env = "COFFER_METRICS_LISTEN")]
         metrics_listen: Option<String>,
     },
-    /// Check every stored chunk's checksum (reads the repository; needs no keys).
+    /// Check every stored chunk's checksum (reads the repository; needs no keys), or with
+    /// --target the copies in an S3 target (the coordinator must be stopped; while it runs,
+    /// use AdminService/Verify with `target`). Exit 2 when anything is wrong.
     Verify {
         #[command(flatten)]
         common: Common,
+        /// Verify this copy target's objects instead of the local repository.
+        #[arg(long)]
+        target: Option<String>,
+        /// With --target: download each object and check it (packs chunk by chunk)
+        /// instead of comparing the store's checksums.
+        #[arg(long, requires = "target")]
+        deep: bool,
+        /// With --target: every object, not only those new or due (verify-recheck).
+        #[arg(long, requires = "target")]
+        all: bool,
     },
     /// Apply retention offline (the coordinator must be stopped; while it runs, use
     /// AdminService/RetentionPlan and ApplyRetention). Dry run unless --apply.
@@ -218,7 +230,30 @@ fn main() -> anyhow::Result<()> {
             print!("{table}");
             Ok(())
         }
-        Cmd::Verify { common } => {
+        Cmd::Verify { common, target: Some(name), deep, all } => {
+            let (config, data_dir) = load(&common)?;
+            let _t = telemetry::init("coffer-coordinator", config.log_format.unwrap_or_default());
+            let target = config
+                .targets
+                .get(&name)
+                .ok_or_else(|| anyhow::anyhow!("no copy target {name:?} in the config ([targets.{name}])"))?;
+            let _lock = coffer_coordinator::server::lock_data_dir(&data_dir)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(async {
+                let catalog = coffer_coordinator::catalog::Catalog::open(&data_dir.join("catalog.db")).await?;
+                let now = coffer_coordinator::scheduler::system_now_ms();
+                let due = if all { i64::MAX } else { now - config.verify_recheck.as_millis() as i64 };
+                let scratch = data_dir.join("repo").join("tmp");
+                let r =
+                    coffer_coordinator::copyverify::verify_target(&catalog, &scratch, &name, target, deep, due, now)
+                        .await;
+                catalog.close().await;
+                anyhow::Ok(r?)
+            })?;
+            print!("{}", coffer_coordinator::copyverify::render(&report));
+            if report.problems.is_empty() { Ok(()) } else { std::process::exit(2) }
+        }
+        Cmd::Verify { common, .. } => {
             let (config, data_dir) = load(&common)?;
             let _t = telemetry::init("coffer-coordinator", config.log_format.unwrap_or_default());
             let repo = coffer_coordinator::store::Repo::open_existing(&data_dir.join("repo"))

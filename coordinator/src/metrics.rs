@@ -172,6 +172,28 @@ pub async fn render(state: &Shared) -> Result<String, String> {
         "Age of the oldest object of the asset not yet copied to the target (0 when up to date)",
         copy_lag,
     );
+    let verified = Family::<Labels, Gauge>::default();
+    let verify_failed = Family::<Labels, Gauge>::default();
+    let oldest_verify = Family::<Labels, FGauge>::default();
+    for (target, (ok, failed, oldest)) in state.catalog.verify_state().await.map_err(|e| e.to_string())? {
+        let l: Labels = vec![("target".into(), target)];
+        verified.get_or_create(&l).set(ok);
+        verify_failed.get_or_create(&l).set(failed);
+        if let Some(ms) = oldest {
+            oldest_verify.get_or_create(&l).set(ms as f64 / 1000.0);
+        }
+    }
+    reg.register("target_verified_objects", "Objects of the copy target whose last verification passed", verified);
+    reg.register(
+        "target_verify_failures",
+        "Objects of the copy target whose last verification failed (queued for re-upload)",
+        verify_failed,
+    );
+    reg.register(
+        "target_oldest_verification_timestamp_seconds",
+        "Unix time of the copy target's least recent object verification",
+        oldest_verify,
+    );
 
     let job_up = Family::<Labels, Gauge>::default();
     let job_runs = Family::<Labels, Gauge>::default();

@@ -60,6 +60,8 @@ pub enum ReplicateError {
     Config { target: String, detail: String },
     #[error("target {target}: uploading {key}: {detail}")]
     Upload { target: String, key: String, detail: String },
+    #[error("target {target}: {key}: {detail}")]
+    Read { target: String, key: String, detail: String },
     #[error(transparent)]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error(transparent)]
@@ -257,16 +259,38 @@ async fn upload(
 ) -> Result<(), ReplicateError> {
     let path = state.repo.root().join(&item.key);
     let key = format!("{}{}", target.prefix, item.key);
-    let body = match ByteStream::from_path(&path).await {
-        Ok(b) => b,
+    // SHA-256 of what is sent: the store checks the body against it and keeps it, so
+    // `verify` can compare without downloading (S3 flexible checksums).
+    let digest = {
+        let p = path.clone();
+        tokio::task::spawn_blocking(move || crate::copyverify::sha256_file(&p))
+            .await
+            .map_err(|e| ReplicateError::Upload { target: name.into(), key: key.clone(), detail: e.to_string() })?
+    };
+    let digest = match digest {
+        Ok(d) => d,
         // Gone locally (pruned meanwhile): nothing to copy.
         Err(_) if !path.exists() => {
-            state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms()).await?;
+            state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms(), None).await?;
             return Ok(());
         }
         Err(e) => return Err(ReplicateError::Upload { target: name.into(), key, detail: e.to_string() }),
     };
-    let mut put = client.put_object().bucket(&target.bucket).key(&key).body(body);
+    let body = match ByteStream::from_path(&path).await {
+        Ok(b) => b,
+        Err(_) if !path.exists() => {
+            state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms(), None).await?;
+            return Ok(());
+        }
+        Err(e) => return Err(ReplicateError::Upload { target: name.into(), key, detail: e.to_string() }),
+    };
+    let mut put = client
+        .put_object()
+        .bucket(&target.bucket)
+        .key(&key)
+        .body(body)
+        .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
+        .checksum_sha256(crate::copyverify::b64(&digest));
     if let Some(asset) = &item.asset {
         let days = state.config.policy_for(asset).lock_days;
         if days > 0 {
@@ -277,7 +301,10 @@ async fn upload(
         }
     }
     match put.send().await {
-        Ok(_) => Ok(state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms()).await?),
+        Ok(_) => Ok(state
+            .catalog
+            .replication_done(name, &item.key, crate::scheduler::system_now_ms(), Some(&hex::encode(digest)))
+            .await?),
         Err(e) => {
             let detail = brief(&e);
             state.catalog.replication_failed(name, &item.key, &detail).await?;
@@ -344,7 +371,7 @@ pub async fn download_all(name: &str, target: &TargetConfig, repo_root: &Path) -
 
 /// An S3 error in one line: the service's code and message, or the chain of causes of a
 /// failure to reach it (the SDK's full context is a page of debug output).
-fn brief<E>(e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> String
+pub(crate) fn brief<E>(e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> String
 where
     E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
 {

@@ -225,6 +225,34 @@ impl AdminApi {
 
     async fn verify_inner(&self, req: Request<pb::VerifyRequest>) -> Result<pb::VerifyResponse> {
         let who = self.state.authorize_admin(&req)?;
+        let r = req.get_ref();
+        if !r.target.is_empty() {
+            let target = self
+                .state
+                .config
+                .targets
+                .get(&r.target)
+                .ok_or_else(|| ServiceError::NotFound(format!("no copy target {:?} in the config", r.target)))?;
+            tracing::info!(admin = %who, target = %r.target, deep = r.deep, "verifying copies");
+            let now = crate::scheduler::system_now_ms();
+            let due = if r.all { i64::MAX } else { now - self.state.config.verify_recheck.as_millis() as i64 };
+            let scratch = self.state.repo.root().join("tmp");
+            let report =
+                crate::copyverify::verify_target(&self.state.catalog, &scratch, &r.target, target, r.deep, due, now)
+                    .await
+                    .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
+            return Ok(pb::VerifyResponse {
+                target: report.target,
+                objects: report.checked,
+                bytes: report.bytes,
+                copy_problems: report
+                    .problems
+                    .into_iter()
+                    .map(|(key, problem)| pb::CopyProblem { key, problem })
+                    .collect(),
+                ..Default::default()
+            });
+        }
         tracing::info!(admin = %who, "verifying the repository");
         let repo = self.state.repo.clone();
         let report = blocking(move || crate::verify::verify_repo(&repo)).await??;
@@ -243,6 +271,7 @@ impl AdminApi {
                     problem: p.detail,
                 })
                 .collect(),
+            ..Default::default()
         })
     }
 }

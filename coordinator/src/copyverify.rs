@@ -1,0 +1,175 @@
+//! Verification of copies in S3 targets.
+//!
+//! Every upload sends a SHA-256 of the object (`x-amz-checksum-sha256`); the store checks
+//! the body against it and keeps it. **Fast** verification lists the target and asks each
+//! object's stored checksum with `HeadObject` (`ChecksumMode=ENABLED`), comparing it with
+//! the SHA-256 recorded at upload: nothing is downloaded. **Deep** verification downloads
+//! each object, hashes it, and for packs also checks the pack index and every chunk's CRC.
+//! Each object's last verification is kept in the catalog, so a routine run re-checks only
+//! what is new or older than the recheck interval. A failed object goes back into the
+//! replication queue: the next pass uploads it again from the local copy (repair).
+
+use std::path::Path;
+
+use aws_sdk_s3::types::ChecksumMode;
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+
+use crate::catalog::Catalog;
+use crate::replicate::{ReplicateError, TargetConfig, brief};
+
+pub fn sha256_file(path: &Path) -> std::io::Result<[u8; 32]> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finalize().into());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+pub fn b64(digest: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(digest)
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CopyReport {
+    pub target: String,
+    pub deep: bool,
+    pub checked: u64,
+    pub bytes: u64,
+    /// (key, problem)
+    pub problems: Vec<(String, String)>,
+}
+
+/// Verifies the objects of `name` that are due (all when `recheck_before_ms` is `i64::MAX`).
+pub async fn verify_target(
+    catalog: &Catalog,
+    scratch: &Path,
+    name: &str,
+    target: &TargetConfig,
+    deep: bool,
+    recheck_before_ms: i64,
+    now_ms: i64,
+) -> Result<CopyReport, ReplicateError> {
+    let client = target.client(name)?;
+    let mut report = CopyReport { target: name.to_string(), deep, ..Default::default() };
+    for (key, sha) in catalog.copies_to_verify(name, recheck_before_ms).await? {
+        let full_key = format!("{}{}", target.prefix, key);
+        let problem = if deep {
+            deep_check(&client, target, &full_key, &key, sha.as_deref(), scratch, &mut report).await
+        } else {
+            fast_check(&client, target, &full_key, sha.as_deref(), &mut report).await
+        };
+        report.checked += 1;
+        if let Some(p) = &problem {
+            tracing::warn!(target = name, %key, problem = %p, "copy verification failed; queued for repair");
+            report.problems.push((key.clone(), p.clone()));
+        }
+        catalog.record_verify(name, &key, now_ms, problem.as_deref()).await?;
+    }
+    tracing::info!(target = name, deep, checked = report.checked, problems = report.problems.len(), "copies verified");
+    Ok(report)
+}
+
+fn is_missing<E: aws_sdk_s3::error::ProvideErrorMetadata>(
+    e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    e.raw_response().is_some_and(|r| r.status().as_u16() == 404)
+        || e.as_service_error().and_then(|s| s.code()).is_some_and(|c| c == "NoSuchKey" || c == "NotFound")
+}
+
+async fn fast_check(
+    client: &aws_sdk_s3::Client,
+    target: &TargetConfig,
+    key: &str,
+    sha: Option<&str>,
+    report: &mut CopyReport,
+) -> Option<String> {
+    let head = client.head_object().bucket(&target.bucket).key(key).checksum_mode(ChecksumMode::Enabled).send().await;
+    let head = match head {
+        Ok(h) => h,
+        Err(e) if is_missing(&e) => return Some("missing from the target".into()),
+        Err(e) => return Some(format!("HeadObject failed: {}", brief(&e))),
+    };
+    report.bytes += head.content_length().unwrap_or(0).max(0) as u64;
+    let Some(expected) = sha.and_then(|s| hex::decode(s).ok()) else {
+        return Some("no checksum was recorded at upload; run a deep verify".into());
+    };
+    match head.checksum_sha256() {
+        Some(stored) if stored == b64(&expected) => None,
+        Some(stored) => Some(format!("stored checksum {stored} differs from the uploaded {}", b64(&expected))),
+        None => Some("the store keeps no SHA-256 for this object; run a deep verify".into()),
+    }
+}
+
+async fn deep_check(
+    client: &aws_sdk_s3::Client,
+    target: &TargetConfig,
+    key: &str,
+    rel: &str,
+    sha: Option<&str>,
+    scratch: &Path,
+    report: &mut CopyReport,
+) -> Option<String> {
+    let got = match client.get_object().bucket(&target.bucket).key(key).send().await {
+        Ok(g) => g,
+        Err(e) if is_missing(&e) => return Some("missing from the target".into()),
+        Err(e) => return Some(format!("GetObject failed: {}", brief(&e))),
+    };
+    let bytes = match got.body.collect().await {
+        Ok(b) => b.into_bytes(),
+        Err(e) => return Some(format!("reading the object: {e}")),
+    };
+    report.bytes += bytes.len() as u64;
+    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    if let Some(expected) = sha
+        && hex::encode(digest) != expected
+    {
+        return Some(format!("content hashes to {} but {expected} was uploaded", hex::encode(digest)));
+    }
+    // A pack: its own index and every chunk's CRC-32C, as the local verify does.
+    if let Some(pack_id) =
+        rel.strip_prefix("packs/").and_then(|p| p.rsplit('/').next()).and_then(|f| f.strip_suffix(".pack"))
+    {
+        let tmp = scratch.join(format!("verify-{pack_id}.pack"));
+        if let Err(e) = std::fs::write(&tmp, &bytes) {
+            return Some(format!("writing a scratch copy: {e}"));
+        }
+        let result = check_pack(&tmp, pack_id);
+        let _ = std::fs::remove_file(&tmp);
+        if let Err(p) = result {
+            return Some(p);
+        }
+    }
+    None
+}
+
+fn check_pack(path: &Path, pack_id: &str) -> Result<(), String> {
+    let (_, entries, _) = crate::store::pack::read_index(path).map_err(|e| e.to_string())?;
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    for e in &entries {
+        crate::store::pack::read_chunk(&f, pack_id, e).map_err(|err| format!("chunk {}: {err}", e.id))?;
+    }
+    Ok(())
+}
+
+/// The report as text, one problem per line.
+pub fn render(r: &CopyReport) -> String {
+    let mut out = format!(
+        "target {}: {} verified {} object(s), {} byte(s): {} problem(s)\n",
+        r.target,
+        if r.deep { "deep" } else { "fast" },
+        r.checked,
+        r.bytes,
+        r.problems.len()
+    );
+    for (k, p) in &r.problems {
+        out.push_str(&format!("  {k}: {p} (queued for re-upload)\n"));
+    }
+    out
+}
