@@ -256,7 +256,7 @@ fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
         dir.join("ak"),
         dir.join("sk")
     );
-    let coord = Coordinator::start(dir, &certs, &config);
+    let mut coord = Coordinator::start(dir, &certs, &config);
     let repo = kit::git_repo(&dir.join("src"), &[("a.txt", &kit::random_bytes(300_000, 1))]);
     let (snap, _, _) = kit::backup_line(&kit::ok(
         kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
@@ -314,4 +314,37 @@ fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
     });
     let v = verify("{\"target\":\"s3\",\"all\":true,\"deep\":true}");
     assert!(v.get("copyProblems").is_none(), "after repair: {v}");
+
+    // The other way round: the local pack rots; `coordinator repair` takes the verified copy.
+    coord.stop();
+    let local = coord.data_dir.join("repo").join(&pack_key);
+    let mut rotten = local_pack.clone();
+    rotten[100] ^= 0x01;
+    std::fs::write(&local, &rotten).unwrap();
+    let offline =
+        |cmd: &str| kit::run(Command::new(kit::bin("coordinator")).args([cmd, "--config"]).arg(&coord.config));
+    let o = offline("verify");
+    assert_eq!(o.status.code(), Some(2), "{}", kit::stdout(&o));
+    let o = offline("repair");
+    let out = kit::stdout(&o);
+    assert!(o.status.success(), "{out}{}", kit::stderr(&o));
+    assert!(out.contains("REPAIRED pack") && out.contains("from s3"), "{out}");
+    assert_eq!(std::fs::read(&local).unwrap(), local_pack);
+    // A pack missing locally is fetched too.
+    std::fs::remove_file(&local).unwrap();
+    assert!(kit::stdout(&offline("repair")).contains("missing from the local repository"));
+    assert_eq!(std::fs::read(&local).unwrap(), local_pack);
+    assert!(offline("verify").status.success());
+    coord.launch();
+    let to = dir.join("restored.git");
+    kit::ok(
+        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
+            .arg("--work-dir")
+            .arg(dir.join("w"))
+            .arg("--repo")
+            .arg(&repo)
+            .args(["restore", "--snapshot", &snap, "--to"])
+            .arg(&to),
+    );
+    assert_eq!(kit::refs(&to), kit::refs(&repo));
 }

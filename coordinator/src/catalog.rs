@@ -572,6 +572,16 @@ impl Catalog {
         .collect())
     }
 
+    /// The SHA-256 (hex) recorded when `key` was uploaded to `target`.
+    pub async fn copy_sha256(&self, target: &str, key: &str) -> Result<Option<String>> {
+        Ok(sqlx::query("SELECT sha256 FROM replication WHERE target = ? AND key = ? AND done_ms IS NOT NULL")
+            .bind(target)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?
+            .and_then(|r| r.get(0)))
+    }
+
     /// Records a verification. A failed one puts the object back in the queue (the next
     /// replication pass uploads it again from the local copy: repair).
     pub async fn record_verify(&self, target: &str, key: &str, now_ms: i64, error: Option<&str>) -> Result<()> {

@@ -173,3 +173,90 @@ pub fn render(r: &CopyReport) -> String {
     }
     out
 }
+
+/// What `repair` did for one local pack.
+#[derive(Debug, Clone)]
+pub struct Repaired {
+    pub pack: String,
+    /// The target it came from, or None when no copy verified.
+    pub from: Option<String>,
+    pub detail: String,
+}
+
+/// Finds local packs that are corrupt (by the keyless verify) or missing (known to the
+/// catalog, absent on disk) and replaces each with a copy from the first target whose
+/// object matches the SHA-256 recorded at upload and whose chunks all check out.
+pub async fn repair_local(
+    repo: &crate::store::Repo,
+    catalog: &Catalog,
+    targets: &std::collections::BTreeMap<String, TargetConfig>,
+) -> Result<Vec<Repaired>, ReplicateError> {
+    let r = repo.clone();
+    let report = tokio::task::spawn_blocking(move || crate::verify::verify_repo(&r))
+        .await
+        .map_err(|e| ReplicateError::Read { target: "local".into(), key: String::new(), detail: e.to_string() })??;
+    let mut bad: std::collections::BTreeMap<String, String> =
+        report.problems.into_iter().map(|p| (p.pack.clone(), p.detail)).collect();
+    let on_disk: std::collections::HashSet<String> = repo.list_packs()?.into_iter().collect();
+    for id in catalog.pack_ids().await? {
+        if !on_disk.contains(&id) {
+            bad.insert(id, "missing from the local repository".into());
+        }
+    }
+    let tmp = repo.root().join("tmp");
+    let mut out = Vec::new();
+    for (pack, why) in bad {
+        let rel = repo
+            .pack_path(&pack)
+            .strip_prefix(repo.root())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut tried = Vec::new();
+        let mut from = None;
+        for (name, target) in targets {
+            let expected = catalog.copy_sha256(name, &rel).await?;
+            match fetch_good_copy(name, target, &rel, &pack, expected.as_deref(), &tmp).await {
+                Ok(bytes) => {
+                    crate::store::write_atomic(&tmp, &repo.pack_path(&pack), &bytes)?;
+                    from = Some(name.clone());
+                    break;
+                }
+                Err(e) => tried.push(format!("{name}: {e}")),
+            }
+        }
+        let detail = match &from {
+            Some(t) => format!("{why}; replaced with the copy from {t}"),
+            None if tried.is_empty() => format!("{why}; no copy target is configured"),
+            None => format!("{why}; no good copy ({})", tried.join("; ")),
+        };
+        tracing::warn!(%pack, %detail, "local pack repair");
+        out.push(Repaired { pack, from, detail });
+    }
+    Ok(out)
+}
+
+async fn fetch_good_copy(
+    name: &str,
+    target: &TargetConfig,
+    rel: &str,
+    pack: &str,
+    expected: Option<&str>,
+    scratch: &Path,
+) -> Result<bytes::Bytes, String> {
+    let client = target.client(name).map_err(|e| e.to_string())?;
+    let key = format!("{}{}", target.prefix, rel);
+    let got = client.get_object().bucket(&target.bucket).key(&key).send().await.map_err(|e| brief(&e))?;
+    let bytes = got.body.collect().await.map_err(|e| e.to_string())?.into_bytes();
+    let digest = hex::encode(Sha256::digest(&bytes));
+    if let Some(want) = expected
+        && digest != want
+    {
+        return Err(format!("its content hashes to {digest}, not the uploaded {want}"));
+    }
+    std::fs::create_dir_all(scratch).map_err(|e| e.to_string())?;
+    let tmp = scratch.join(format!("repair-{pack}.pack"));
+    std::fs::write(&tmp, &bytes).map_err(|e| e.to_string())?;
+    let checked = check_pack(&tmp, pack);
+    let _ = std::fs::remove_file(&tmp);
+    checked.map(|()| bytes)
+}

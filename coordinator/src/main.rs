@@ -58,6 +58,12 @@ enum Cmd {
         #[arg(long, requires = "target")]
         all: bool,
     },
+    /// Replace corrupt or missing local packs with verified copies from the copy targets
+    /// (the coordinator must be stopped). Exit 2 if any pack could not be repaired.
+    Repair {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Apply retention offline (the coordinator must be stopped; while it runs, use
     /// AdminService/RetentionPlan and ApplyRetention). Dry run unless --apply.
     Prune {
@@ -229,6 +235,30 @@ fn main() -> anyhow::Result<()> {
                 .map_err(|p| anyhow::anyhow!("invalid policy:\n  - {}", p.join("\n  - ")))?;
             print!("{table}");
             Ok(())
+        }
+        Cmd::Repair { common } => {
+            let (config, data_dir) = load(&common)?;
+            let _t = telemetry::init("coffer-coordinator", config.log_format.unwrap_or_default());
+            let _lock = coffer_coordinator::server::lock_data_dir(&data_dir)?;
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let repaired = rt.block_on(async {
+                let repo = coffer_coordinator::store::Repo::open_existing(&data_dir.join("repo"))
+                    .with_context(|| format!("opening the repository in {}", data_dir.display()))?;
+                let catalog = coffer_coordinator::catalog::Catalog::open(&data_dir.join("catalog.db")).await?;
+                let r = coffer_coordinator::copyverify::repair_local(&repo, &catalog, &config.targets).await;
+                catalog.close().await;
+                anyhow::Ok(r?)
+            })?;
+            for r in &repaired {
+                let verdict = if r.from.is_some() { "REPAIRED" } else { "UNREPAIRED" };
+                println!("{verdict} pack {}: {}", r.pack, r.detail);
+            }
+            println!(
+                "{} pack(s) needed repair, {} repaired",
+                repaired.len(),
+                repaired.iter().filter(|r| r.from.is_some()).count()
+            );
+            if repaired.iter().all(|r| r.from.is_some()) { Ok(()) } else { std::process::exit(2) }
         }
         Cmd::Verify { common, target: Some(name), deep, all } => {
             let (config, data_dir) = load(&common)?;
