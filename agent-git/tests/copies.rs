@@ -348,3 +348,85 @@ fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
     );
     assert_eq!(kit::refs(&to), kit::refs(&repo));
 }
+
+#[test]
+fn prune_deletes_copies_but_never_before_their_object_lock_ends() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_moto, port) = moto(dir);
+    s3(port, "s3.create_bucket(Bucket='plain')\ns3.create_bucket(Bucket='vault', ObjectLockEnabledForBucket=True)");
+    std::fs::write(dir.join("ak"), "test").unwrap();
+    std::fs::write(dir.join("sk"), "test").unwrap();
+    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
+    let target = |name: &str, bucket: &str| {
+        format!(
+            "[targets.{name}]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"{bucket}\"\n\
+             access-key-file = {:?}\nsecret-key-file = {:?}\n",
+            dir.join("ak"),
+            dir.join("sk")
+        )
+    };
+    let config = format!(
+        "replication-interval = \"1s\"\ngc-grace = \"0s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+         [policy.assets.\"git/cache\"]\ncopies = [\"local\", \"s3\"]\nretention = {{ last = 1 }}\nlock-days = 0\n\
+         [policy.assets.\"git/ledger\"]\ncopies = [\"local\", \"vault\"]\nretention = {{ last = 1 }}\nlock-days = 30\n{}{}",
+        target("s3", "plain"),
+        target("vault", "vault")
+    );
+    let coord = Coordinator::start(dir, &certs, &config);
+    let repo = kit::git_repo(&dir.join("src"), &[("a.txt", b"one")]);
+    let backup = |asset: &str| {
+        let out = kit::ok(
+            kit::agent("agent-git", &coord, &certs, "git-1", dir, asset)
+                .arg("--work-dir")
+                .arg(dir.join(format!("w-{}", asset.replace('/', "-"))))
+                .arg("--repo")
+                .arg(&repo)
+                .arg("backup"),
+        );
+        kit::backup_line(&out).0
+    };
+    let (old_cache, old_ledger) = (backup("git/cache"), backup("git/ledger"));
+    kit::commit(&repo, &[("b.txt", b"two")], "two");
+    backup("git/cache");
+    backup("git/ledger");
+    let listed = |bucket: &str| {
+        s3(port, &format!("for o in s3.list_objects_v2(Bucket='{bucket}').get('Contents', []): print(o['Key'])"))
+    };
+    let old_cache_key = format!("manifests/git/cache/{old_cache}.manifest");
+    let old_ledger_key = format!("manifests/git/ledger/{old_ledger}.manifest");
+    kit::wait_for("both old manifests copied", Duration::from_secs(60), || {
+        (listed("plain").contains(&old_cache_key) && listed("vault").contains(&old_ledger_key)).then_some(())
+    });
+    // Wait until the newest manifests are there too (the queue drains in order).
+    kit::wait_for("every manifest copied", Duration::from_secs(60), || {
+        (listed("plain").matches(".manifest\n").count() == 2 && listed("vault").matches(".manifest\n").count() == 2)
+            .then_some(())
+    });
+
+    let o = coord.grpcurl(&certs, "admin-ops", &["-d", "{}"], "coffer.v1.AdminService/ApplyRetention");
+    assert!(o.status.success(), "{}", kit::stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).unwrap();
+    let report = v["report"].as_str().unwrap().to_string();
+    assert!(report.contains("copies in s3: ") && report.contains("scheduled for deletion"), "{report}");
+    let vault_line = report.lines().find(|l| l.contains("copies in vault:")).unwrap_or_else(|| panic!("{report}"));
+    assert!(vault_line.contains("held by Object Lock until"), "{vault_line}");
+
+    // The unlocked copy goes on the next pass; the locked one stays until its date.
+    kit::wait_for("the pruned manifest deleted from s3", Duration::from_secs(60), || {
+        (!listed("plain").contains(&old_cache_key)).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(listed("vault").contains(&old_ledger_key), "a locked copy must outlive the local prune");
+    let queued = kit::ok(
+        Command::new("sqlite3")
+            .arg(coord.data_dir.join("catalog.db"))
+            .arg("SELECT target, key FROM remote_deletions ORDER BY key"),
+    );
+    assert!(queued.contains(&format!("vault|{old_ledger_key}")), "{queued}");
+    let (_, text) = kit::http_get(&coord.metrics_url);
+    assert!(
+        kit::metric(&text, "coffer_target_pending_deletions{target=\"vault\"}").is_some_and(|n| n >= 2.0),
+        "{text}"
+    );
+}

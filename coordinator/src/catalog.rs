@@ -91,6 +91,16 @@ const SCHEMA: &[&str] = &[
         error TEXT)",
     "CREATE INDEX IF NOT EXISTS attempts_asset ON attempts(asset, started_ms)",
     "CREATE INDEX IF NOT EXISTS attempts_snapshot ON attempts(snapshot_id)",
+    // Objects to delete from copy targets (pruned locally), not before their Object Lock
+    // retain-until date.
+    "CREATE TABLE IF NOT EXISTS remote_deletions (
+        target TEXT NOT NULL,
+        key TEXT NOT NULL,
+        not_before_ms INTEGER NOT NULL,
+        enqueued_ms INTEGER NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT,
+        PRIMARY KEY (target, key))",
     // The replication queue: every object each copy target must hold, and whether it does.
     "CREATE TABLE IF NOT EXISTS replication (
         target TEXT NOT NULL,
@@ -570,6 +580,85 @@ impl Catalog {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect())
+    }
+
+    /// Where a local object about to be deleted must also go away: per target holding (or
+    /// queued to hold) it, the earliest time it may be deleted there. With `lock_days`, an
+    /// uploaded object's retain-until date is its upload time plus the lock (what the
+    /// upload set); a pending one was never confirmed and may go at once.
+    pub async fn remote_deletion_plan(&self, key: &str, lock_days: u32, now_ms: i64) -> Result<Vec<(String, i64)>> {
+        let lock_ms = i64::from(lock_days) * 86_400_000;
+        Ok(sqlx::query("SELECT target, done_ms FROM replication WHERE key = ? ORDER BY target")
+            .bind(key)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                let done: Option<i64> = r.get(1);
+                let not_before = match done {
+                    Some(d) if lock_ms > 0 => (d + lock_ms).max(now_ms),
+                    _ => now_ms,
+                };
+                (r.get(0), not_before)
+            })
+            .collect())
+    }
+
+    /// Moves `key` from the replication queue to the deletion queue of every target.
+    pub async fn schedule_remote_deletion(&self, key: &str, lock_days: u32, now_ms: i64) -> Result<Vec<(String, i64)>> {
+        let plan = self.remote_deletion_plan(key, lock_days, now_ms).await?;
+        let mut tx = self.pool.begin().await?;
+        for (target, not_before) in &plan {
+            sqlx::query(
+                "INSERT INTO remote_deletions (target, key, not_before_ms, enqueued_ms) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (target, key) DO UPDATE SET not_before_ms = MAX(not_before_ms, excluded.not_before_ms)",
+            )
+            .bind(target)
+            .bind(key)
+            .bind(not_before)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM replication WHERE key = ?").bind(key).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(plan)
+    }
+
+    /// Deletions due in `target` by `now_ms`.
+    pub async fn due_remote_deletions(&self, target: &str, now_ms: i64) -> Result<Vec<String>> {
+        Ok(sqlx::query("SELECT key FROM remote_deletions WHERE target = ? AND not_before_ms <= ? ORDER BY key")
+            .bind(target)
+            .bind(now_ms)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    pub async fn remote_deletion_done(&self, target: &str, key: &str, error: Option<&str>) -> Result<()> {
+        let q = match error {
+            None => sqlx::query("DELETE FROM remote_deletions WHERE target = ? AND key = ?").bind(target).bind(key),
+            Some(e) => sqlx::query(
+                "UPDATE remote_deletions SET attempts = attempts + 1, last_error = ? WHERE target = ? AND key = ?",
+            )
+            .bind(e)
+            .bind(target)
+            .bind(key),
+        };
+        q.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Per target: deletions waiting, and the latest not-before time among them.
+    pub async fn remote_deletion_state(&self) -> Result<BTreeMap<String, (i64, i64)>> {
+        Ok(sqlx::query("SELECT target, COUNT(*), MAX(not_before_ms) FROM remote_deletions GROUP BY target")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect())
     }
 
     /// The SHA-256 (hex) recorded when `key` was uploaded to `target`.

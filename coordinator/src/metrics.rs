@@ -183,6 +183,15 @@ pub async fn render(state: &Shared) -> Result<String, String> {
             oldest_verify.get_or_create(&l).set(ms as f64 / 1000.0);
         }
     }
+    let pending_del = Family::<Labels, Gauge>::default();
+    for (target, (n, _)) in state.catalog.remote_deletion_state().await.map_err(|e| e.to_string())? {
+        pending_del.get_or_create(&vec![("target".into(), target)]).set(n);
+    }
+    reg.register(
+        "target_pending_deletions",
+        "Pruned objects still to delete from the copy target (Object Lock holds some until their date)",
+        pending_del,
+    );
     reg.register("target_verified_objects", "Objects of the copy target whose last verification passed", verified);
     reg.register(
         "target_verify_failures",

@@ -57,6 +57,16 @@ pub struct AssetPrune {
     pub retention: String,
     pub plan: Plan,
     pub gc: GcPlan,
+    /// Per copy target: objects to delete there, and how many of them Object Lock holds
+    /// until a later date (the latest such date, unix seconds).
+    pub remote: std::collections::BTreeMap<String, RemoteDeletions>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteDeletions {
+    pub objects: usize,
+    pub held: usize,
+    pub held_until: i64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -140,8 +150,28 @@ pub async fn prune(
             plan.decisions.extend(retention::plan_stream(&spans, policy.retention.within, &entries, now_s));
         }
         let doomed: BTreeSet<String> = plan.deleted().map(|d| d.id.clone()).collect();
-        if apply {
-            for id in &doomed {
+        let now_ms = now_s * 1000;
+        let mut remote = std::collections::BTreeMap::<String, RemoteDeletions>::new();
+        let mut note = |targets: Vec<(String, i64)>| {
+            for (t, not_before) in targets {
+                let r = remote.entry(t).or_default();
+                r.objects += 1;
+                if not_before > now_ms {
+                    r.held += 1;
+                    r.held_until = r.held_until.max(not_before / 1000);
+                }
+            }
+        };
+        for id in &doomed {
+            for key in manifest_keys(&a.name, id) {
+                let targets = if apply {
+                    ctx.catalog.schedule_remote_deletion(&key, policy.lock_days, now_ms).await?
+                } else {
+                    ctx.catalog.remote_deletion_plan(&key, policy.lock_days, now_ms).await?
+                };
+                note(targets);
+            }
+            if apply {
                 ctx.catalog.delete_snapshot(id).await?;
                 counters.forget += 1;
                 crash_point("forget", counters.forget);
@@ -150,9 +180,28 @@ pub async fn prune(
             }
         }
         let gc = collect(ctx, &a.name, a.id, &doomed, apply, &mut counters).await?;
-        out.push(AssetPrune { asset: a.name.clone(), retention: policy.retention.to_string(), plan, gc });
+        for pack in gc.delete.iter().map(|(p, _)| p).chain(gc.repack.iter().map(|(p, _, _)| p)) {
+            let key = pack_key(ctx.repo, pack);
+            let targets = if apply {
+                ctx.catalog.schedule_remote_deletion(&key, policy.lock_days, now_ms).await?
+            } else {
+                ctx.catalog.remote_deletion_plan(&key, policy.lock_days, now_ms).await?
+            };
+            note(targets);
+        }
+        out.push(AssetPrune { asset: a.name.clone(), retention: policy.retention.to_string(), plan, gc, remote });
     }
     Ok(out)
+}
+
+/// Repository keys of a snapshot's manifest and signature.
+fn manifest_keys(asset: &str, id: &str) -> [String; 2] {
+    [format!("manifests/{asset}/{id}.manifest"), format!("manifests/{asset}/{id}.manifest.sig")]
+}
+
+/// Repository key of a pack.
+fn pack_key(repo: &Repo, id: &str) -> String {
+    repo.pack_path(id).strip_prefix(repo.root()).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 #[derive(Default)]
@@ -297,6 +346,20 @@ pub fn render(report: &[AssetPrune], applied: bool) -> String {
         let kept = a.plan.kept().count();
         let deleted = a.plan.deleted().count();
         let _ = writeln!(out, "  {kept} kept, {deleted} {}", if applied { "deleted" } else { "to delete" });
+        for (target, r) in &a.remote {
+            let verb = if applied { "scheduled" } else { "to schedule" };
+            if r.held > 0 {
+                let _ = writeln!(
+                    out,
+                    "  copies in {target}: {} object(s) {verb} for deletion, {} held by Object Lock until {}",
+                    r.objects,
+                    r.held,
+                    t(r.held_until)
+                );
+            } else {
+                let _ = writeln!(out, "  copies in {target}: {} object(s) {verb} for deletion", r.objects);
+            }
+        }
         match &a.gc.deferred {
             Some(why) => {
                 let _ = writeln!(out, "  packs: not collected: {why}");

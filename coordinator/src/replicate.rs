@@ -203,6 +203,9 @@ pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
         if let Err(e) = drain(state, name, target).await {
             failures.push(e.to_string());
         }
+        if let Err(e) = delete_due(state, name, target, now_ms).await {
+            failures.push(e.to_string());
+        }
     }
     // One unreachable target must not slow the others down with the runner's backoff: the
     // job reports a failure (and backs off) only when no target could be served. Each
@@ -215,6 +218,33 @@ pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
     } else {
         Err(failures.join("; "))
     }
+}
+
+/// Deletes from the target the objects prune removed locally whose retain-until date has
+/// passed (Object Lock: never earlier; on a versioned bucket this leaves a delete marker
+/// and the bucket's lifecycle expires the old version).
+async fn delete_due(state: &Shared, name: &str, target: &TargetConfig, now_ms: i64) -> Result<(), ReplicateError> {
+    let due = state.catalog.due_remote_deletions(name, now_ms).await?;
+    if due.is_empty() {
+        return Ok(());
+    }
+    let client = target.client(name)?;
+    let mut first_error = None;
+    for key in due {
+        let full = format!("{}{}", target.prefix, key);
+        match client.delete_object().bucket(&target.bucket).key(&full).send().await {
+            Ok(_) => {
+                state.catalog.remote_deletion_done(name, &key, None).await?;
+                tracing::info!(target = name, %key, "deleted from the copy target (pruned)");
+            }
+            Err(e) => {
+                let detail = brief(&e);
+                state.catalog.remote_deletion_done(name, &key, Some(&detail)).await?;
+                first_error.get_or_insert(ReplicateError::Read { target: name.into(), key: full, detail });
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// After this many failed uploads in a row a pass gives up on the target (it is likely
