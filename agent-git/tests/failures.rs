@@ -126,9 +126,15 @@ fn agent_killed_mid_backup_loses_nothing_and_resumes() {
     kit::wait_for("two sealed packs", Duration::from_secs(120), || (coord.packs().len() >= 2).then_some(()));
     let _ = agent.kill(); // SIGKILL
     let _ = agent.wait();
-    kit::wait_for("the coordinator to see the stream break", Duration::from_secs(30), || {
-        coord.logs().contains("upload stream broke").then_some(())
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !coord.logs().contains("upload stream broke") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coordinator did not see the stream break:\n{}",
+            coord.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     assert!(e.list(&coord, "git/big").is_empty(), "no snapshot is visible");
     kit::wait_for("the dead agent's backup to be closed", Duration::from_secs(30), || {

@@ -183,6 +183,15 @@ pub async fn render(state: &Shared) -> Result<String, String> {
             oldest_verify.get_or_create(&l).set(ms as f64 / 1000.0);
         }
     }
+    let drift = Family::<Labels, Gauge>::default();
+    for c in state.bucket_checks.lock().expect("bucket checks").iter() {
+        drift.get_or_create(&vec![("target".into(), c.target.clone())]).set(c.drift.len() as i64);
+    }
+    reg.register(
+        "target_config_drift",
+        "Problems found in the copy target bucket's versioning / Object Lock configuration at start-up (0: matches the policy)",
+        drift,
+    );
     let pending_del = Family::<Labels, Gauge>::default();
     for (target, (n, _)) in state.catalog.remote_deletion_state().await.map_err(|e| e.to_string())? {
         pending_del.get_or_create(&vec![("target".into(), target)]).set(n);

@@ -365,7 +365,7 @@ drill = "none"
 "#;
 
 /// Parsed once: policies are resolved on every scheduler tick, scrape and replication pass.
-fn built_in() -> &'static PolicyConfig {
+pub fn built_in() -> &'static PolicyConfig {
     static PARSED: std::sync::LazyLock<PolicyConfig> =
         std::sync::LazyLock::new(|| toml::from_str(BUILT_IN).expect("the built-in policy parses"));
     &PARSED

@@ -247,6 +247,113 @@ async fn delete_due(state: &Shared, name: &str, target: &TargetConfig, now_ms: i
     first_error.map_or(Ok(()), Err)
 }
 
+/// What a target bucket's configuration says against what the policies need of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BucketCheck {
+    pub target: String,
+    /// Largest lock (days) any asset copied here asks for, and those assets' names.
+    pub lock_days: u32,
+    pub locked_assets: Vec<String>,
+    /// Problems found (empty: the bucket matches).
+    pub drift: Vec<String>,
+}
+
+/// Checks each target bucket's versioning and Object Lock configuration against the
+/// policies of the assets the coordinator knows (and the per-kind policies). Never fails
+/// the start-up: a bucket that cannot be read is reported as drift.
+pub async fn check_buckets(state: &Shared) -> Vec<BucketCheck> {
+    // Known assets, every asset the config names, and every kind (as `kind/*`).
+    let mut subjects: Vec<(String, crate::policy::Policy)> = Vec::new();
+    let mut names: std::collections::BTreeSet<String> = match state.catalog.assets().await {
+        Ok(a) => a.into_iter().map(|a| a.name).collect(),
+        Err(_) => Default::default(),
+    };
+    names.extend(state.config.policy.assets.keys().cloned());
+    for a in names {
+        let p = state.config.policy_for(&a);
+        subjects.push((a, p));
+    }
+    let mut kinds: std::collections::BTreeSet<String> = crate::policy::built_in().kinds.keys().cloned().collect();
+    kinds.extend(state.config.policy.kinds.keys().cloned());
+    for k in kinds {
+        if let Ok(p) = state.config.policy.resolve_kind(&k) {
+            subjects.push((format!("{k}/*"), p));
+        }
+    }
+    let mut out = Vec::new();
+    for (name, target) in &state.config.targets {
+        let mut check = BucketCheck { target: name.clone(), ..Default::default() };
+        for (a, p) in &subjects {
+            if p.lock_days > 0 && p.copies.iter().any(|c| c == name) {
+                check.lock_days = check.lock_days.max(p.lock_days);
+                check.locked_assets.push(a.clone());
+            }
+        }
+        let client = match target.client(name) {
+            Ok(c) => c,
+            Err(e) => {
+                check.drift.push(e.to_string());
+                out.push(check);
+                continue;
+            }
+        };
+        let lock = client.get_object_lock_configuration().bucket(&target.bucket).send().await;
+        let lock_enabled = match &lock {
+            Ok(r) => r
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                .is_some_and(|e| e.as_str() == "Enabled"),
+            Err(_) => false,
+        };
+        if check.lock_days > 0 && !lock_enabled {
+            let why = match &lock {
+                Err(e) => format!(" ({})", brief(e)),
+                Ok(_) => String::new(),
+            };
+            check.drift.push(format!(
+                "bucket {} has no Object Lock{why}, but {} need {} day(s) of lock: their copies here are NOT immutable \
+                 (create the bucket with Object Lock enabled, or drop the target from their copies)",
+                target.bucket,
+                check.locked_assets.join(", "),
+                check.lock_days
+            ));
+        }
+        if lock_enabled
+            && let Ok(r) = &lock
+            && let Some(mode) = r
+                .object_lock_configuration()
+                .and_then(|c| c.rule())
+                .and_then(|r| r.default_retention())
+                .and_then(|d| d.mode())
+            && !mode.as_str().eq_ignore_ascii_case(&target.lock_mode)
+        {
+            check.drift.push(format!(
+                "bucket {} defaults to {} retention but the target's lock-mode is {}",
+                target.bucket,
+                mode.as_str(),
+                target.lock_mode
+            ));
+        }
+        match client.get_bucket_versioning().bucket(&target.bucket).send().await {
+            Ok(v) if v.status().is_some_and(|s| s.as_str() == "Enabled") => {}
+            Ok(_) if lock_enabled => {
+                check.drift.push(format!("bucket {} has Object Lock but versioning is not enabled", target.bucket))
+            }
+            Ok(_) => {}
+            // Versioning is advisory without a lock; an unreadable answer is only logged.
+            Err(e) => tracing::debug!(target = %name, "reading the bucket's versioning: {}", brief(&e)),
+        }
+        for d in &check.drift {
+            tracing::warn!(target = %name, bucket = %target.bucket, "copy target drift: {d}");
+        }
+        if check.drift.is_empty() {
+            tracing::info!(target = %name, bucket = %target.bucket, lock_enabled, "copy target bucket checked");
+        }
+        out.push(check);
+    }
+    out
+}
+
 /// After this many failed uploads in a row a pass gives up on the target (it is likely
 /// down or refusing us); the next pass tries again.
 const GIVE_UP_AFTER: usize = 3;

@@ -229,6 +229,13 @@ pub async fn serve(
             }
         })
     });
+    if !state.config.targets.is_empty() {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let checks = crate::replicate::check_buckets(&state).await;
+            *state.bucket_checks.lock().expect("bucket checks") = checks;
+        });
+    }
     let replication = (!state.config.targets.is_empty()).then(|| {
         let state = state.clone();
         let every = state.config.replication_interval;

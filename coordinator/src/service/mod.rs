@@ -36,6 +36,8 @@ pub struct State {
     pub prune_lock: tokio::sync::Mutex<()>,
     /// Serializes stream-entry commits, so a name's content check and its commit are one step.
     pub stream_lock: tokio::sync::Mutex<()>,
+    /// The start-up check of each copy target's bucket (drift is reported, never fatal).
+    pub bucket_checks: std::sync::Mutex<Vec<crate::replicate::BucketCheck>>,
     /// Postgres base-backup facts read from manifests, for stream status.
     pub base_cache: crate::streams::BaseCache,
 }
@@ -53,6 +55,7 @@ impl State {
             metrics: Default::default(),
             stream_lock: Default::default(),
             base_cache: Default::default(),
+            bucket_checks: Default::default(),
             collecting: Default::default(),
             prune_lock: Default::default(),
         }
