@@ -68,7 +68,7 @@ impl TempServer {
     }
 
     pub fn url(&self) -> RedisUrl {
-        RedisUrl { host: "127.0.0.1".into(), port: self.port, user: None, password: None }
+        RedisUrl::plain("127.0.0.1", self.port)
     }
 }
 

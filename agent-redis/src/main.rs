@@ -20,7 +20,7 @@ use crate::resp::RedisUrl;
 struct Cli {
     #[command(flatten)]
     agent: AgentArgs,
-    /// Server to back up: redis://[user:password@]HOST:PORT.
+    /// Server to back up: redis://[user:password@]HOST:PORT (rediss:// for TLS).
     #[arg(long, global = true, env = "COFFER_REDIS_URL")]
     redis_url: Option<String>,
     /// redis-server binary for drills and restores into a server.
@@ -30,6 +30,15 @@ struct Cli {
     /// read the RDB file instead of replicating.
     #[arg(long, global = true, env = "COFFER_REDIS_DATA_DIR")]
     redis_data_dir: Option<std::path::PathBuf>,
+    /// rediss://: CA certificate (PEM) that signed the server's certificate.
+    #[arg(long, global = true, env = "COFFER_REDIS_CA")]
+    redis_ca: Option<std::path::PathBuf>,
+    /// rediss://: client certificate (PEM) for servers that ask for one (Redis does by default).
+    #[arg(long, global = true, env = "COFFER_REDIS_CERT", requires = "redis_key")]
+    redis_cert: Option<std::path::PathBuf>,
+    /// rediss://: the client certificate's private key (PEM).
+    #[arg(long, global = true, env = "COFFER_REDIS_KEY", requires = "redis_cert")]
+    redis_key: Option<std::path::PathBuf>,
     /// `restore --to redis://…`: replace the keys of a server that is not empty.
     #[arg(long, global = true, env = "COFFER_FORCE")]
     force: bool,
@@ -50,17 +59,25 @@ enum Cmd {
 }
 
 async fn run(cli: Cli) -> Result<(), cli::CliError> {
+    let tls = resp::TlsFiles { ca: cli.redis_ca.clone(), cert: cli.redis_cert.clone(), key: cli.redis_key.clone() };
     let url = cli
         .redis_url
         .as_deref()
         .map(RedisUrl::parse)
         .transpose()
-        .map_err(|e| cli::CliError::Source(SourceError::Failed(e.to_string())))?;
+        .map_err(|e| cli::CliError::Source(SourceError::Failed(e.to_string())))?
+        .map(|mut u| {
+            if u.tls.is_some() {
+                u.tls = Some(tls.clone());
+            }
+            u
+        });
     let source = source::RedisSource {
         url,
         force: cli.force,
         redis_server: cli.redis_server.clone(),
         data_dir: cli.redis_data_dir.clone(),
+        tls,
     };
     if let Cmd::Common(cli::Command::Run) = cli.cmd {
         return coffer_common::runtime::daemon::run(&cli.agent, "redis", &source).await;

@@ -4,7 +4,12 @@
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -19,15 +24,92 @@ pub enum RespError {
     Protocol(String),
     #[error("{0}")]
     Url(String),
+    #[error("redis TLS: {0}")]
+    Tls(String),
 }
 
-/// A parsed `redis://[user[:password]@]host[:port]` URL.
+/// TLS settings for `rediss://`: the CA that signed the server's certificate, and the
+/// client certificate Redis asks for by default (`tls-auth-clients yes`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    fn config(&self) -> Result<Arc<rustls::ClientConfig>, RespError> {
+        let ca = self.ca.as_ref().ok_or_else(|| {
+            RespError::Tls(
+                "rediss:// needs --redis-ca (the CA certificate that signed the server's certificate)".into(),
+            )
+        })?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_file_iter(ca).map_err(|e| RespError::Tls(format!("{}: {e}", ca.display())))? {
+            let c = c.map_err(|e| RespError::Tls(format!("{}: {e}", ca.display())))?;
+            roots.add(c).map_err(|e| RespError::Tls(format!("{}: {e}", ca.display())))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| RespError::Tls(e.to_string()))?
+            .with_root_certificates(roots);
+        let config = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| RespError::Tls(format!("{}: {e}", cert.display())))?;
+                let key =
+                    PrivateKeyDer::from_pem_file(key).map_err(|e| RespError::Tls(format!("{}: {e}", key.display())))?;
+                builder.with_client_auth_cert(chain, key).map_err(|e| RespError::Tls(e.to_string()))?
+            }
+            (None, None) => builder.with_no_client_auth(),
+            _ => return Err(RespError::Tls("--redis-cert and --redis-key go together".into())),
+        };
+        Ok(Arc::new(config))
+    }
+}
+
+/// A plain or TLS connection.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// A parsed `redis://[user[:password]@]host[:port]` (or `rediss://` for TLS) URL.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl {
     pub host: String,
     pub port: u16,
     pub user: Option<String>,
     pub password: Option<String>,
+    /// `rediss://`: TLS with these files.
+    pub tls: Option<TlsFiles>,
 }
 
 impl std::fmt::Debug for RedisUrl {
@@ -35,7 +117,8 @@ impl std::fmt::Debug for RedisUrl {
         // Never print the password.
         write!(
             f,
-            "redis://{}{}:{}",
+            "{}://{}{}:{}",
+            if self.tls.is_some() { "rediss" } else { "redis" },
             self.user.as_deref().map(|u| format!("{u}@")).unwrap_or_default(),
             self.host,
             self.port
@@ -45,13 +128,11 @@ impl std::fmt::Debug for RedisUrl {
 
 impl RedisUrl {
     pub fn parse(url: &str) -> Result<RedisUrl, RespError> {
-        if url.starts_with("rediss://") {
-            return Err(RespError::Url(
-                "rediss:// (TLS) is not supported yet; use redis:// on a trusted network".into(),
-            ));
-        }
-        let rest =
-            url.strip_prefix("redis://").ok_or_else(|| RespError::Url(format!("{url:?} is not a redis:// URL")))?;
+        let (rest, tls) = match (url.strip_prefix("redis://"), url.strip_prefix("rediss://")) {
+            (Some(r), _) => (r, None),
+            (_, Some(r)) => (r, Some(TlsFiles::default())),
+            _ => return Err(RespError::Url(format!("{url:?} is not a redis:// or rediss:// URL"))),
+        };
         let rest = rest.split('/').next().unwrap_or_default();
         let (auth, hostport) = match rest.rsplit_once('@') {
             Some((a, h)) => (Some(a), h),
@@ -71,7 +152,12 @@ impl RedisUrl {
         if host.is_empty() {
             return Err(RespError::Url(format!("no host in {url:?}")));
         }
-        Ok(RedisUrl { host, port, user, password })
+        Ok(RedisUrl { host, port, user, password, tls })
+    }
+
+    /// The same server with another host and port (a throwaway server: plain TCP).
+    pub fn plain(host: &str, port: u16) -> RedisUrl {
+        RedisUrl { host: host.to_string(), port, user: None, password: None, tls: None }
     }
 
     pub fn addr(&self) -> String {
@@ -99,19 +185,35 @@ impl Reply {
 }
 
 pub struct Conn {
-    pub reader: BufReader<TcpStream>,
-    writer: TcpStream,
+    /// Replies are read through this buffer; commands are written to the stream under it.
+    pub reader: BufReader<Stream>,
 }
 
 impl Conn {
     /// Connects and authenticates (AUTH with user for ACL users, password only otherwise).
     pub fn open(url: &RedisUrl, timeout: Duration) -> Result<Conn, RespError> {
         let addr = url.addr();
-        let stream = TcpStream::connect(&addr).map_err(|source| RespError::Connect { addr: addr.clone(), source })?;
-        stream.set_read_timeout(Some(timeout))?;
-        stream.set_nodelay(true)?;
-        let writer = stream.try_clone()?;
-        let mut c = Conn { reader: BufReader::with_capacity(1 << 20, stream), writer };
+        let tcp = TcpStream::connect(&addr).map_err(|source| RespError::Connect { addr: addr.clone(), source })?;
+        tcp.set_read_timeout(Some(timeout))?;
+        tcp.set_nodelay(true)?;
+        let stream = match &url.tls {
+            None => Stream::Plain(tcp),
+            Some(files) => {
+                let name = ServerName::try_from(url.host.clone())
+                    .map_err(|e| RespError::Tls(format!("server name {:?}: {e}", url.host)))?;
+                let conn =
+                    rustls::ClientConnection::new(files.config()?, name).map_err(|e| RespError::Tls(e.to_string()))?;
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                // Handshake now, so a certificate problem is reported as such.
+                while s.conn.is_handshaking() {
+                    s.conn
+                        .complete_io(&mut s.sock)
+                        .map_err(|e| RespError::Tls(format!("handshake with {addr}: {e}")))?;
+                }
+                Stream::Tls(Box::new(s))
+            }
+        };
+        let mut c = Conn { reader: BufReader::with_capacity(1 << 20, stream) };
         if let Some(p) = &url.password {
             let mut args: Vec<&[u8]> = vec![b"AUTH"];
             if let Some(u) = &url.user {
@@ -130,7 +232,8 @@ impl Conn {
             buf.extend_from_slice(a);
             buf.extend_from_slice(b"\r\n");
         }
-        self.writer.write_all(&buf)?;
+        self.reader.get_mut().write_all(&buf)?;
+        self.reader.get_mut().flush()?;
         Ok(())
     }
 
@@ -220,7 +323,9 @@ mod tests {
         let u = RedisUrl::parse("redis://:pw@cache").unwrap();
         assert_eq!((u.port, u.user, u.password.as_deref()), (6379, None, Some("pw")));
         assert!(RedisUrl::parse("http://x").is_err());
-        assert!(RedisUrl::parse("rediss://x").unwrap_err().to_string().contains("TLS"));
+        let t = RedisUrl::parse("rediss://:pw@cache.svc:6380").unwrap();
+        assert!(t.tls.is_some() && t.port == 6380);
+        assert_eq!(format!("{t:?}"), "rediss://cache.svc:6380", "no password in debug output");
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct RedisSource {
     /// The server's data directory, when the agent runs beside it (sidecar): backups then
     /// use `BGSAVE` and read the RDB file instead of replicating.
     pub data_dir: Option<std::path::PathBuf>,
+    /// TLS files for `rediss://` URLs (the backup's and a restore target's).
+    pub tls: crate::resp::TlsFiles,
 }
 
 fn fail(e: RespError) -> SourceError {
@@ -35,6 +37,15 @@ fn fail(e: RespError) -> SourceError {
 }
 
 impl RedisSource {
+    /// A `--to` server URL, with the TLS files when it is `rediss://`.
+    fn target_url(&self, url: &str) -> Result<RedisUrl, SourceError> {
+        let mut u = RedisUrl::parse(url).map_err(fail)?;
+        if u.tls.is_some() {
+            u.tls = Some(self.tls.clone());
+        }
+        Ok(u)
+    }
+
     fn url(&self) -> Result<&RedisUrl, SourceError> {
         self.url.as_ref().ok_or_else(|| SourceError::Failed("--redis-url is required".into()))
     }
@@ -53,9 +64,22 @@ fn start_sync(url: &RedisUrl) -> Result<(Conn, Framing, String), SourceError> {
         ))
     };
     c.call(&[b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"]).map_err(refused)?;
-    let full = match c.call(&[b"PSYNC", b"?", b"-1"]).map_err(refused)? {
-        Reply::Simple(s) if s.starts_with("FULLRESYNC") => s,
-        other => return Err(SourceError::Failed(format!("redis answered PSYNC with {other:?}, not FULLRESYNC"))),
+    c.send(&[b"PSYNC", b"?", b"-1"]).map_err(refused)?;
+    // The master may send keep-alive newlines before its answer.
+    let answer = loop {
+        let line = c.line().map_err(refused)?;
+        if !line.is_empty() {
+            break line;
+        }
+    };
+    let full = match answer.strip_prefix('+') {
+        Some(s) if s.starts_with("FULLRESYNC") => s.to_string(),
+        _ => {
+            return Err(match answer.strip_prefix('-') {
+                Some(e) => refused(RespError::Server(e.to_string())),
+                None => SourceError::Failed(format!("redis answered PSYNC with {answer:?}, not FULLRESYNC")),
+            });
+        }
     };
     let offset = full.split_whitespace().nth(2).unwrap_or_default().to_string();
     // Newlines keep the link alive while the master prepares the RDB.
@@ -195,8 +219,8 @@ impl Source for RedisSource {
     /// Writes the snapshot's RDB to `target` (a file that must not exist), or loads it into
     /// the running server `redis://…` (see [`restore_into_server`]).
     async fn restore(&self, reader: &SnapshotReader, target: &Path) -> Result<(), SourceError> {
-        if let Some(url) = target.to_str().filter(|t| t.starts_with("redis://")) {
-            let url = RedisUrl::parse(url).map_err(fail)?;
+        if let Some(url) = target.to_str().filter(|t| t.starts_with("redis://") || t.starts_with("rediss://")) {
+            let url = self.target_url(url)?;
             return restore_into_server(reader, &url, self.force, &self.redis_server).await;
         }
         if target.exists() {
@@ -207,8 +231,8 @@ impl Source for RedisSource {
     }
 
     async fn verify(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {
-        if let Some(url) = target.to_str().filter(|t| t.starts_with("redis://")) {
-            let url = RedisUrl::parse(url).map_err(fail)?;
+        if let Some(url) = target.to_str().filter(|t| t.starts_with("redis://") || t.starts_with("rediss://")) {
+            let url = self.target_url(url)?;
             let info = tokio::task::spawn_blocking(move || Conn::open(&url, READ_TIMEOUT)?.info())
                 .await
                 .map_err(|e| SourceError::Failed(format!("redis thread: {e}")))?

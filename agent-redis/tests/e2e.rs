@@ -207,3 +207,75 @@ fn sidecar_mode_backs_up_with_bgsave() {
     let copy = Redis::start(dir, "copy", None, Some(&file));
     assert_eq!(copy.digest(), digest);
 }
+
+#[test]
+fn rediss_with_client_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // One CA for everything: the coordinator's certificate (valid for 127.0.0.1) serves as
+    // the Redis server's, the agent's as the Redis client's.
+    let certs = kit::certs(&dir.join("certs"), &["redis-1"], &[]);
+    let coord = Coordinator::start(dir, &certs, GRANTS);
+    let data = dir.join("tls");
+    std::fs::create_dir_all(&data).unwrap();
+    let port = kit::free_port();
+    let _server = KillOnDrop(
+        Command::new("redis-server")
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--appendonly", "no", "--enable-debug-command", "yes", "--dir"])
+            .arg(&data)
+            .arg("--tls-cert-file")
+            .arg(certs.join("coordinator.pem"))
+            .arg("--tls-key-file")
+            .arg(certs.join("coordinator.key"))
+            .arg("--tls-ca-cert-file")
+            .arg(certs.join("ca.pem"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server"),
+    );
+    let cli = |args: &[&str]| {
+        let mut c = Command::new("redis-cli");
+        c.args(["--tls", "-p", &port.to_string()])
+            .arg("--cacert")
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join("agent-redis-1.pem"))
+            .arg("--key")
+            .arg(certs.join("agent-redis-1.key"))
+            .args(args);
+        kit::stdout(&kit::run(&mut c))
+    };
+    kit::wait_for("redis serving TLS", Duration::from_secs(30), || (cli(&["PING"]).trim() == "PONG").then_some(()));
+    cli(&["DEBUG", "POPULATE", "5000", "k", "64"]);
+    let url = format!("rediss://127.0.0.1:{port}");
+    let tls = |c: &mut Command, client_cert: bool| {
+        c.arg("--redis-ca").arg(certs.join("ca.pem"));
+        if client_cert {
+            c.arg("--redis-cert")
+                .arg(certs.join("agent-redis-1.pem"))
+                .arg("--redis-key")
+                .arg(certs.join("agent-redis-1.key"));
+        }
+    };
+    let mut backup = agent(&coord, &certs, dir, &url);
+    tls(&mut backup, true);
+    let out = kit::ok(backup.arg("backup"));
+    let (snap, _, _) = kit::backup_line(&out);
+    let file = dir.join("tls.rdb");
+    let mut restore = agent(&coord, &certs, dir, &url);
+    tls(&mut restore, true);
+    kit::ok(restore.args(["restore", "--snapshot", &snap]).arg("--to").arg(&file));
+    let copy = Redis::start(dir, "copy", None, Some(&file));
+    assert_eq!(copy.cli(&["DBSIZE"]).trim(), "5000");
+
+    // Without the client certificate the server refuses the handshake; without the CA the
+    // agent refuses to start TLS at all.
+    let mut no_cert = agent(&coord, &certs, dir, &url);
+    tls(&mut no_cert, false);
+    let o = kit::run(no_cert.arg("backup"));
+    assert!(!o.status.success(), "{}", kit::stdout(&o));
+    let o = kit::run(agent(&coord, &certs, dir, &url).arg("backup"));
+    assert!(!o.status.success() && kit::stderr(&o).contains("--redis-ca"), "{}", kit::stderr(&o));
+}
