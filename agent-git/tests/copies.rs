@@ -249,7 +249,7 @@ fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
     std::fs::write(dir.join("sk"), "test").unwrap();
     let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
     let config = format!(
-        "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+        "replication-interval = \"1s\"\nverify-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
          [policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\n\
          [targets.s3]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"primary\"\n\
          access-key-file = {:?}\nsecret-key-file = {:?}\n",
@@ -276,6 +276,11 @@ fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
     kit::wait_for("the manifest copied", Duration::from_secs(60), || listed().contains(&manifest_key).then_some(()));
     let pack_key = listed().lines().find(|k| k.ends_with(".pack")).expect("a pack in the bucket").to_string();
 
+    // The routine job verifies new copies on its own (fast mode).
+    kit::wait_for("the verify job to check the copies", Duration::from_secs(60), || {
+        let (_, text) = kit::http_get(&coord.metrics_url);
+        kit::metric(&text, "coffer_target_verified_objects{target=\"s3\"}").filter(|n| *n >= 4.0)
+    });
     // Fast: the store's SHA-256 of every object matches what was sent; nothing downloaded.
     let v = verify("{\"target\":\"s3\",\"all\":true}");
     assert!(v["objects"].as_str().is_some_and(|n| n.parse::<u64>().unwrap() >= 4), "{v}");

@@ -77,6 +77,9 @@ pub struct Config {
     /// How often the replication job looks for objects to copy.
     #[serde(default = "default_replication_interval", with = "serde_duration")]
     pub replication_interval: Duration,
+    /// How often the background job verifies copies (fast mode, objects new or due).
+    #[serde(default = "default_verify_interval", with = "serde_duration")]
+    pub verify_interval: Duration,
     /// A routine copy verification re-checks an object verified longer ago than this.
     #[serde(default = "default_verify_recheck", with = "serde_duration")]
     pub verify_recheck: Duration,
@@ -114,6 +117,9 @@ fn default_grace() -> Duration {
 }
 fn default_replication_interval() -> Duration {
     Duration::from_secs(10)
+}
+fn default_verify_interval() -> Duration {
+    Duration::from_secs(86_400)
 }
 fn default_verify_recheck() -> Duration {
     Duration::from_secs(30 * 86_400)

@@ -245,6 +245,31 @@ pub async fn serve(
             async move { crate::replicate::step(&state, crate::scheduler::system_now_ms()).await }
         })
     });
+    // Routine copy verification: fast mode, only objects new or due for a recheck.
+    let verify = (!state.config.targets.is_empty()).then(|| {
+        let state = state.clone();
+        let every = state.config.verify_interval;
+        let jobs = state.jobs.clone();
+        jobs.spawn("verify", every, crate::scheduler::system_now_ms, shutdown.clone(), move || {
+            let state = state.clone();
+            async move {
+                let now = crate::scheduler::system_now_ms();
+                let due = now - state.config.verify_recheck.as_millis() as i64;
+                let scratch = state.repo.root().join("tmp");
+                let mut failed = Vec::new();
+                for (name, target) in &state.config.targets {
+                    match crate::copyverify::verify_target(&state.catalog, &scratch, name, target, false, due, now).await {
+                        Ok(r) if !r.problems.is_empty() => {
+                            tracing::warn!(target = %name, problems = r.problems.len(), "copies failed verification; queued for re-upload")
+                        }
+                        Ok(_) => {}
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                if failed.is_empty() { Ok(()) } else { Err(failed.join("; ")) }
+            }
+        })
+    });
     let metrics = match state.config.metrics_listen.as_str() {
         "off" => None,
         a => {
@@ -294,6 +319,9 @@ pub async fn serve(
     }
     if let Some(r) = replication {
         let _ = r.await;
+    }
+    if let Some(v) = verify {
+        let _ = v.await;
     }
     if let Some(m) = metrics {
         let _ = m.await;
