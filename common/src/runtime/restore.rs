@@ -138,7 +138,7 @@ impl SnapshotReader {
     /// `parallel` at a time, each decrypted and checked on a blocking thread straight into an
     /// aligned [`Extent`], written in order by one writer thread; a hasher thread then checks
     /// each file's size and SHA-256 before `finish`.
-    async fn restore_into<W, O, F>(&self, paths: &[&str], mut open: O, mut finish: F) -> Result<(), ClientError>
+    pub async fn restore_into<W, O, F>(&self, paths: &[&str], mut open: O, mut finish: F) -> Result<(), ClientError>
     where
         W: ExtentSink + Send + 'static,
         O: FnMut(usize) -> Result<W, ClientError> + Send + 'static,
