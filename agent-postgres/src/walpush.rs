@@ -12,7 +12,6 @@
 //! treats as fatal, so an unreachable coordinator stops recovery instead of ending it early
 //! at the wrong point.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use coffer_common::chunker::Cut;
@@ -21,7 +20,6 @@ use coffer_common::runtime::backup::{BackupSink, PipelineOptions};
 use coffer_common::runtime::cli::AgentContext;
 use coffer_common::runtime::restore::SnapshotReader;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::WAL_STREAM;
 use coffer_common::pgwal::{self as wal, WalFile};
@@ -36,19 +34,9 @@ fn failed(e: impl std::fmt::Display) -> SourceError {
 }
 
 fn sha256_file(path: &Path) -> Result<(String, u64), SourceError> {
-    let mut f = std::fs::File::open(path).map_err(SourceError::io(format!("opening {}", path.display())))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut n = 0u64;
-    loop {
-        let r = f.read(&mut buf).map_err(SourceError::io(format!("reading {}", path.display())))?;
-        if r == 0 {
-            break;
-        }
-        h.update(&buf[..r]);
-        n += r as u64;
-    }
-    Ok((hex::encode(h.finalize()), n))
+    let (digest, len) =
+        coffer_common::crypto::sha256_file(path).map_err(SourceError::io(format!("reading {}", path.display())))?;
+    Ok((hex::encode(digest), len))
 }
 
 fn file_name(path: &Path) -> Result<String, SourceError> {

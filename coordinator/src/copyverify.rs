@@ -13,24 +13,9 @@ use std::path::Path;
 
 use aws_sdk_s3::types::ChecksumMode;
 use base64::Engine as _;
-use sha2::{Digest, Sha256};
 
 use crate::catalog::Catalog;
 use crate::replicate::{ReplicateError, TargetConfig, brief};
-
-pub fn sha256_file(path: &Path) -> std::io::Result<[u8; 32]> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(h.finalize().into());
-        }
-        h.update(&buf[..n]);
-    }
-}
 
 pub fn b64(digest: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(digest)
@@ -126,7 +111,7 @@ async fn deep_check(
         Err(e) => return Some(format!("reading the object: {e}")),
     };
     report.bytes += bytes.len() as u64;
-    let digest: [u8; 32] = Sha256::digest(&bytes).into();
+    let digest = coffer_common::crypto::sha256(&bytes);
     if let Some(expected) = sha
         && hex::encode(digest) != expected
     {
@@ -247,7 +232,7 @@ async fn fetch_good_copy(
     let key = format!("{}{}", target.prefix, rel);
     let got = client.get_object().bucket(&target.bucket).key(&key).send().await.map_err(|e| brief(&e))?;
     let bytes = got.body.collect().await.map_err(|e| e.to_string())?.into_bytes();
-    let digest = hex::encode(Sha256::digest(&bytes));
+    let digest = hex::encode(coffer_common::crypto::sha256(&bytes));
     if let Some(want) = expected
         && digest != want
     {

@@ -400,7 +400,7 @@ async fn upload(
     // `verify` can compare without downloading (S3 flexible checksums).
     let digest = {
         let p = path.clone();
-        tokio::task::spawn_blocking(move || crate::copyverify::sha256_file(&p))
+        tokio::task::spawn_blocking(move || coffer_common::crypto::sha256_file(&p).map(|(d, _)| d))
             .await
             .map_err(|e| ReplicateError::Upload { target: name.into(), key: key.clone(), detail: e.to_string() })?
     };

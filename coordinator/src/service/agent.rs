@@ -695,6 +695,9 @@ async fn upload(
                 .await
                 .is_err()
             {
+                // The response side is gone first (the agent died or hung up): the same break,
+                // noticed from the other direction.
+                tracing::warn!(snapshot = %backup.snapshot_id, "upload stream broke: the agent stopped receiving acknowledgements");
                 return Ok(false);
             }
         }
