@@ -2,8 +2,12 @@
 //! image) in 2 MiB blocks, uploading only blocks the coordinator lacks and never holes;
 //! restores sparse and verified; drills a restore with a filesystem check.
 //!
-//! Not yet: the Longhorn manager API (snapshots, replica health, on-change triggering).
+//! With `--longhorn-url` it also asks the Longhorn manager for the volume's health and
+//! replicas (recorded in the manifest: the coordinator counts the `replicas` copy from
+//! them) and marks the backup's point with a Longhorn snapshot, deleted afterwards.
+//! Not yet: on-change triggering.
 
+mod longhorn;
 mod source;
 
 use std::path::{Path, PathBuf};
@@ -29,6 +33,9 @@ struct Cli {
     /// The Longhorn volume's name, recorded in the manifest.
     #[arg(long, global = true, env = "COFFER_VOLUME")]
     volume: Option<String>,
+    /// Longhorn manager API, e.g. http://longhorn-backend.longhorn-system:9500 (needs --volume).
+    #[arg(long, global = true, env = "COFFER_LONGHORN_URL", requires = "volume")]
+    longhorn_url: Option<String>,
     /// `restore --to` an existing device or image of the same size: overwrite it.
     #[arg(long, global = true, env = "COFFER_FORCE")]
     force: bool,
@@ -142,7 +149,12 @@ async fn drill(
 }
 
 async fn run(cli: Cli) -> Result<(), cli::CliError> {
-    let source = BlockSource { device: cli.device.clone(), volume: cli.volume.clone(), force: cli.force };
+    let source = BlockSource {
+        device: cli.device.clone(),
+        volume: cli.volume.clone(),
+        force: cli.force,
+        longhorn: cli.longhorn_url.as_deref().map(|u| std::sync::Arc::new(longhorn::Client::new(u))),
+    };
     if let Cmd::Common(cli::Command::Run) = cli.cmd {
         return coffer_common::runtime::daemon::run(&cli.agent, "longhorn", &source).await;
     }

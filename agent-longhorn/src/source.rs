@@ -29,6 +29,21 @@ pub struct BlockSource {
     pub volume: Option<String>,
     /// Restore over an existing device or image of the same size.
     pub force: bool,
+    /// The Longhorn manager, when the volume is a Longhorn volume.
+    pub longhorn: Option<Arc<crate::longhorn::Client>>,
+}
+
+/// Runs a blocking Longhorn API call off the runtime's threads.
+async fn off_thread<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::longhorn::LonghornError> + Send + 'static,
+) -> Result<T, SourceError> {
+    tokio::task::spawn_blocking(f).await.map_err(failed)?.map_err(failed)
+}
+
+/// A Longhorn snapshot name for a Coffer snapshot id (lowercase letters, digits, '-').
+fn longhorn_snapshot_name(id: &str) -> String {
+    let s: String = id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
+    format!("coffer-{}", s.to_ascii_lowercase())
 }
 
 fn failed(e: impl std::fmt::Display) -> SourceError {
@@ -175,6 +190,70 @@ impl Source for BlockSource {
     }
 
     async fn backup(&self, sink: &mut BackupSink) -> Result<BTreeMap<String, Value>, SourceError> {
+        let Some(client) = self.longhorn.clone() else {
+            return self.read_device(sink).await;
+        };
+        let volume = self.volume.clone().ok_or_else(|| failed("--longhorn-url needs --volume"))?;
+        let (c, v) = (client.clone(), volume.clone());
+        let vol = off_thread(move || c.volume(&v)).await?;
+        if vol.robustness == "faulted" {
+            return Err(failed(format!(
+                "Longhorn reports volume {volume} faulted: no replica is usable; not backing it up"
+            )));
+        }
+        // The device must be this volume (or a clone of it): same size.
+        let dev = self.device()?;
+        let dev_size = File::open(dev)
+            .and_then(|mut f| volume_size(&mut f))
+            .map_err(SourceError::io(format!("sizing {}", dev.display())))?;
+        if vol.size.parse::<u64>().ok() != Some(dev_size) {
+            return Err(failed(format!(
+                "{} is {dev_size} bytes but Longhorn volume {volume} is {} bytes: wrong device?",
+                dev.display(),
+                vol.size
+            )));
+        }
+        let name = longhorn_snapshot_name(sink.snapshot_id());
+        let (c, v, n) = (client.clone(), volume.clone(), name.clone());
+        let snap = off_thread(move || c.snapshot_create(&v, &n)).await?;
+        tracing::info!(volume = %volume, snapshot = %name, "Longhorn snapshot created");
+        let result = self.read_device(sink).await;
+        // The snapshot marked the point; it is not kept (Longhorn snapshots cost space).
+        let (c, v, n) = (client.clone(), volume.clone(), name.clone());
+        if let Err(e) = off_thread(move || c.snapshot_delete(&v, &n)).await {
+            tracing::warn!(volume = %volume, snapshot = %name, "deleting the Longhorn snapshot failed: {e}");
+        }
+        let mut meta = result?;
+        meta.insert("volume".into(), json!(volume));
+        meta.insert("longhorn_snapshot".into(), json!(snap.name));
+        meta.insert("longhorn_snapshot_created".into(), json!(snap.created));
+        meta.insert("robustness".into(), json!(vol.robustness));
+        meta.insert("volume_state".into(), json!(vol.state));
+        meta.insert("replicas_desired".into(), json!(vol.number_of_replicas));
+        meta.insert("replicas_healthy".into(), json!(vol.healthy_replicas()));
+        meta.insert(
+            "replicas".into(),
+            json!(
+                vol.replicas
+                    .iter()
+                    .map(|r| json!({"name": r.name, "node": r.host_id, "mode": r.mode, "running": r.running}))
+                    .collect::<Vec<_>>()
+            ),
+        );
+        Ok(meta)
+    }
+
+    async fn restore(&self, reader: &SnapshotReader, target: &Path) -> Result<(), SourceError> {
+        self.restore_blocks(reader, target).await
+    }
+
+    async fn verify(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {
+        self.verify_image(manifest, target).await
+    }
+}
+
+impl BlockSource {
+    async fn read_device(&self, sink: &mut BackupSink) -> Result<BTreeMap<String, Value>, SourceError> {
         let dev = self.device()?.to_path_buf();
         let mut f = File::open(&dev).map_err(SourceError::io(format!("opening {}", dev.display())))?;
         let size = volume_size(&mut f).map_err(SourceError::io("sizing the volume"))?;
@@ -205,7 +284,7 @@ impl Source for BlockSource {
         Ok(meta)
     }
 
-    async fn restore(&self, reader: &SnapshotReader, target: &Path) -> Result<(), SourceError> {
+    async fn restore_blocks(&self, reader: &SnapshotReader, target: &Path) -> Result<(), SourceError> {
         let m = reader.manifest();
         let size = manifest_size(m)?;
         let file = open_target(target, size, self.force)?;
@@ -226,7 +305,7 @@ impl Source for BlockSource {
         Ok(())
     }
 
-    async fn verify(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {
+    async fn verify_image(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {
         let size = manifest_size(manifest)?;
         let want = manifest.source.get("volume_sha256").and_then(Value::as_str).unwrap_or_default().to_string();
         let t = target.to_path_buf();

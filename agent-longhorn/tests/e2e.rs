@@ -85,3 +85,189 @@ fn blocks_holes_changed_blocks_sparse_restore_and_drill() {
     kit::ok(agent(&coord, &certs, dir, &img).args(["restore", "--snapshot", &second, "--to"]).arg(&again));
     assert_eq!(sha256(&again), sha256(&img));
 }
+
+/// A fake Longhorn manager: Longhorn itself cannot run here. It serves the v1 API's shapes
+/// as Longhorn documents and serves them (docs/longhorn-api-notes.md): the volume resource
+/// (sizes as decimal strings, robustness, replicas with mode/running/failedAt) and the
+/// volume actions snapshotCreate and snapshotDelete; an unknown volume is a bare 404.
+struct FakeLonghorn {
+    url: String,
+    state: std::sync::Arc<std::sync::Mutex<FakeState>>,
+}
+
+#[derive(Default)]
+struct FakeState {
+    robustness: String,
+    failed_replicas: usize,
+    snapshots: Vec<String>,
+    calls: Vec<String>,
+}
+
+fn fake_volume(st: &FakeState) -> String {
+    let replicas: Vec<serde_json::Value> = (0..3)
+        .map(|i| {
+            let bad = i < st.failed_replicas;
+            serde_json::json!({
+                "name": format!("pvc-1-r-{i}"), "hostId": format!("node-{i}"),
+                "mode": if bad { "ERR" } else { "RW" }, "running": !bad,
+                "failedAt": if bad { "2026-11-24T10:00:00Z" } else { "" },
+                "dataPath": format!("/var/lib/longhorn/replicas/pvc-1-{i}"),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "id": "pvc-1", "type": "volume",
+        "links": {"self": "http://longhorn-backend:9500/v1/volumes/pvc-1"},
+        "actions": {"snapshotCreate": "http://longhorn-backend:9500/v1/volumes/pvc-1?action=snapshotCreate"},
+        "name": "pvc-1", "size": "268435456", "state": "attached", "robustness": st.robustness,
+        "numberOfReplicas": 3, "created": "2026-11-24 09:00:00 +0000 UTC",
+        "replicas": replicas,
+        "controllers": [{"name": "pvc-1-e-0", "hostId": "node-0", "size": "268435456", "actualSize": "33554432",
+                         "endpoint": "/dev/longhorn/pvc-1", "running": true}],
+    })
+    .to_string()
+}
+
+impl FakeLonghorn {
+    fn start() -> FakeLonghorn {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = std::sync::Arc::new(std::sync::Mutex::new(FakeState {
+            robustness: "healthy".into(),
+            ..Default::default()
+        }));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut parts = line.split_whitespace();
+                let (method, target) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+                let mut length = 0;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0u8; length];
+                let _ = reader.read_exact(&mut body);
+                let body: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let mut st = shared.lock().unwrap();
+                st.calls.push(format!("{method} {target}"));
+                let (code, reply) = match (method.as_str(), target.as_str()) {
+                    ("GET", "/v1/volumes/pvc-1") => (200, fake_volume(&st)),
+                    ("POST", "/v1/volumes/pvc-1?action=snapshotCreate") => {
+                        let name = body["name"].as_str().unwrap_or("snap").to_string();
+                        st.snapshots.push(name.clone());
+                        (
+                            200,
+                            serde_json::json!({"id": name, "type": "snapshot", "name": name, "parent": "",
+                            "children": {"volume-head": true}, "removed": false, "usercreated": true,
+                            "created": "2026-11-24T10:00:00Z", "size": "0", "labels": body["labels"]})
+                            .to_string(),
+                        )
+                    }
+                    ("POST", "/v1/volumes/pvc-1?action=snapshotDelete") => {
+                        let name = body["name"].as_str().unwrap_or("").to_string();
+                        st.snapshots.retain(|s| *s != name);
+                        (200, fake_volume(&st))
+                    }
+                    _ => (404, String::new()),
+                };
+                drop(st);
+                let reason = if code == 200 { "OK" } else { "Not Found" };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                    reply.len()
+                );
+            }
+        });
+        FakeLonghorn { url, state }
+    }
+}
+
+#[test]
+fn longhorn_api_snapshot_marks_the_point_and_replica_health_is_a_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = kit::certs(&dir.join("certs"), &["lh-1"], &["ops"]);
+    let config = format!("{GRANTS}[policy.assets.\"longhorn/pvc-1\"]\ncopies = [\"local\", \"replicas\"]\n");
+    let coord = Coordinator::start(dir, &certs, &config);
+    let fake = FakeLonghorn::start();
+    let img = dir.join("volume.img");
+    kit::ok(Command::new("truncate").args(["-s", "256M"]).arg(&img));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&kit::random_bytes(3 << 20, 5), 8 << 20)
+        .unwrap();
+    let lh = || {
+        let mut c = agent(&coord, &certs, dir, &img);
+        c.args(["--longhorn-url", &fake.url]);
+        c
+    };
+    let status = || -> serde_json::Value {
+        let o = coord.grpcurl(
+            &certs,
+            "admin-ops",
+            &["-d", "{\"asset\":\"longhorn/pvc-1\"}"],
+            "coffer.v1.AdminService/AssetStatus",
+        );
+        assert!(o.status.success(), "{}", kit::stderr(&o));
+        serde_json::from_str::<serde_json::Value>(&kit::stdout(&o)).unwrap()["status"].clone()
+    };
+
+    // Healthy: a Longhorn snapshot is taken before the read and deleted after; the replicas
+    // count as a copy.
+    let out = kit::ok(lh().arg("backup"));
+    let (snap, _, _) = kit::backup_line(&out);
+    {
+        let st = fake.state.lock().unwrap();
+        let creates: Vec<&String> = st.calls.iter().filter(|c| c.contains("snapshotCreate")).collect();
+        let deletes: Vec<&String> = st.calls.iter().filter(|c| c.contains("snapshotDelete")).collect();
+        assert_eq!((creates.len(), deletes.len()), (1, 1), "{:?}", st.calls);
+        assert!(st.snapshots.is_empty(), "the Longhorn snapshot is removed after the backup");
+    }
+    let s = status();
+    assert!(s["copiesPresent"].as_array().unwrap().iter().any(|c| c == "replicas"), "{s}");
+    let m = coord.data_dir.join(format!("repo/manifests/longhorn/pvc-1/{snap}.manifest"));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(m).unwrap()).unwrap();
+    assert_eq!(m["source"]["replicas_healthy"], 3);
+    assert!(m["source"]["longhorn_snapshot"].as_str().unwrap().starts_with("coffer-"), "{m}");
+
+    // Degraded: the backup still runs (the data is readable), but the replicas are no copy.
+    {
+        let mut st = fake.state.lock().unwrap();
+        st.robustness = "degraded".into();
+        st.failed_replicas = 1;
+    }
+    kit::ok(lh().arg("backup"));
+    let s = status();
+    assert!(!s["copiesPresent"].as_array().unwrap().iter().any(|c| c == "replicas"), "{s}");
+    assert!(s["copiesSummary"].as_str().unwrap().contains("replicas degraded: 2/3 healthy"), "{s}");
+
+    // Faulted: refused. A device of another size: refused. An unknown volume: the API's 404.
+    fake.state.lock().unwrap().robustness = "faulted".into();
+    let o = kit::run(lh().arg("backup"));
+    assert!(!o.status.success() && kit::stderr(&o).contains("faulted"), "{}", kit::stderr(&o));
+    fake.state.lock().unwrap().robustness = "healthy".into();
+    let small = dir.join("small.img");
+    kit::ok(Command::new("truncate").args(["-s", "64M"]).arg(&small));
+    let o = kit::run(agent(&coord, &certs, dir, &small).args(["--longhorn-url", &fake.url, "backup"]));
+    assert!(!o.status.success() && kit::stderr(&o).contains("wrong device"), "{}", kit::stderr(&o));
+    let mut other = kit::agent("agent-longhorn", &coord, &certs, "lh-1", dir, "longhorn/pvc-1");
+    other.arg("--device").arg(&img).args(["--volume", "pvc-9", "--longhorn-url", &fake.url, "backup"]);
+    let o = kit::run(&mut other);
+    assert!(!o.status.success() && kit::stderr(&o).contains("HTTP 404"), "{}", kit::stderr(&o));
+}
