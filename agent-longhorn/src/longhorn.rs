@@ -61,7 +61,18 @@ pub struct Snapshot {
     pub name: String,
     #[serde(default)]
     pub created: String,
+    /// Decimal bytes.
+    #[serde(default)]
+    pub size: String,
 }
+
+#[derive(Deserialize)]
+struct Collection<T> {
+    data: Vec<T>,
+}
+
+/// The name Longhorn gives the live layer written since the newest snapshot.
+pub const VOLUME_HEAD: &str = "volume-head";
 
 pub struct Client {
     base: String,
@@ -118,6 +129,12 @@ impl Client {
 
     pub fn snapshot_create(&self, volume: &str, name: &str) -> Result<Snapshot, LonghornError> {
         self.action(volume, "snapshotCreate", serde_json::json!({ "name": name, "labels": { "coffer": "backup" } }))
+    }
+
+    /// Bytes written since the newest snapshot: the size of the volume head.
+    pub fn head_size(&self, volume: &str) -> Result<u64, LonghornError> {
+        let list: Collection<Snapshot> = self.action(volume, "snapshotList", serde_json::json!({}))?;
+        Ok(list.data.iter().find(|s| s.name == VOLUME_HEAD).and_then(|s| s.size.parse().ok()).unwrap_or(0))
     }
 
     pub fn snapshot_delete(&self, volume: &str, name: &str) -> Result<(), LonghornError> {

@@ -36,6 +36,16 @@ struct Cli {
     /// Longhorn manager API, e.g. http://longhorn-backend.longhorn-system:9500 (needs --volume).
     #[arg(long, global = true, env = "COFFER_LONGHORN_URL", requires = "volume")]
     longhorn_url: Option<String>,
+    /// `run` with --longhorn-url: back up when this much has been written since the last
+    /// snapshot (the volume head's size), besides the schedule.
+    #[arg(long, global = true, env = "COFFER_CHANGE_THRESHOLD", default_value = "256MiB", value_parser = coffer_common::units::parse_size)]
+    change_threshold: u64,
+    /// `run`: at most one on-change backup per this interval.
+    #[arg(long, global = true, env = "COFFER_CHANGE_MIN_INTERVAL", default_value = "15m", value_parser = humantime::parse_duration)]
+    change_min_interval: std::time::Duration,
+    /// `run`: how often the volume head's size is polled.
+    #[arg(long, global = true, env = "COFFER_CHANGE_POLL", default_value = "30s", value_parser = humantime::parse_duration)]
+    change_poll: std::time::Duration,
     /// `restore --to` an existing device or image of the same size: overwrite it.
     #[arg(long, global = true, env = "COFFER_FORCE")]
     force: bool,
@@ -155,21 +165,80 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
         force: cli.force,
         longhorn: cli.longhorn_url.as_deref().map(|u| std::sync::Arc::new(longhorn::Client::new(u))),
     };
+    let source = std::sync::Arc::new(source);
     if let Cmd::Common(cli::Command::Run) = cli.cmd {
-        return coffer_common::runtime::daemon::run(&cli.agent, "longhorn", &source).await;
+        let on_change = match (&source.longhorn, &source.volume) {
+            (Some(client), Some(volume)) => Some(tokio::spawn(on_change(
+                cli.agent.clone(),
+                source.clone(),
+                client.clone(),
+                volume.clone(),
+                cli.change_threshold,
+                cli.change_min_interval,
+                cli.change_poll,
+            ))),
+            _ => None,
+        };
+        let r = coffer_common::runtime::daemon::run(&cli.agent, "longhorn", source.as_ref()).await;
+        if let Some(t) = on_change {
+            t.abort();
+        }
+        return r;
     }
+    let source = source.as_ref();
     let ctx = cli.agent.connect(source.kind()).await?;
     match cli.cmd {
         Cmd::Common(cli::Command::Backup) => {
-            let info = cli::backup(&ctx, &source).await?;
+            let info = cli::backup(&ctx, source).await?;
             cli::print_snapshot(&info);
             Ok(())
         }
-        Cmd::Common(cli::Command::Restore { snapshot, to }) => cli::restore(&ctx, &source, &snapshot, &to).await,
+        Cmd::Common(cli::Command::Restore { snapshot, to }) => cli::restore(&ctx, source, &snapshot, &to).await,
         Cmd::Common(cli::Command::List) => cli::list(&ctx).await,
         Cmd::Common(cli::Command::Run) => Ok(()),
         Cmd::Drill { snapshot, scratch } => {
-            drill(&ctx, &source, &snapshot, scratch).await?.finish(&ctx.asset, "verified volume image")
+            drill(&ctx, source, &snapshot, scratch).await?.finish(&ctx.asset, "verified volume image")
+        }
+    }
+}
+
+/// Backs up when the volume head (bytes written since the newest Longhorn snapshot) passes
+/// `threshold`, at most once per `min_interval`. Each backup's own Longhorn snapshot resets
+/// the head, so the head measures what changed since the last backup.
+async fn on_change(
+    args: AgentArgs,
+    source: std::sync::Arc<BlockSource>,
+    client: std::sync::Arc<longhorn::Client>,
+    volume: String,
+    threshold: u64,
+    min_interval: std::time::Duration,
+    poll: std::time::Duration,
+) {
+    let mut last: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(poll).await;
+        let (c, v) = (client.clone(), volume.clone());
+        let head = match tokio::task::spawn_blocking(move || c.head_size(&v)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                tracing::warn!(%volume, "on-change: reading the volume head: {e}");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if head < threshold || last.is_some_and(|t| t.elapsed() < min_interval) {
+            continue;
+        }
+        tracing::info!(%volume, head, threshold, "on-change: the volume changed enough; backing up");
+        last = Some(Instant::now());
+        let result = async {
+            let ctx = args.connect(source.kind()).await?;
+            cli::backup(&ctx, source.as_ref()).await
+        }
+        .await;
+        match result {
+            Ok(info) => tracing::info!(snapshot = %info.id, "on-change backup committed"),
+            Err(e) => tracing::warn!("on-change backup failed: {e}"),
         }
     }
 }

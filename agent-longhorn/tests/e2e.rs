@@ -5,6 +5,7 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use coffer_testkit::{self as kit, Coordinator};
 
@@ -99,6 +100,8 @@ struct FakeLonghorn {
 struct FakeState {
     robustness: String,
     failed_replicas: usize,
+    /// Bytes written since the newest snapshot (the volume head).
+    head: u64,
     snapshots: Vec<String>,
     calls: Vec<String>,
 }
@@ -165,9 +168,30 @@ impl FakeLonghorn {
                 st.calls.push(format!("{method} {target}"));
                 let (code, reply) = match (method.as_str(), target.as_str()) {
                     ("GET", "/v1/volumes/pvc-1") => (200, fake_volume(&st)),
+                    ("POST", "/v1/volumes/pvc-1?action=snapshotList") => {
+                        let mut data: Vec<serde_json::Value> = st
+                            .snapshots
+                            .iter()
+                            .map(|n| {
+                                serde_json::json!({
+                            "id": n, "type": "snapshot", "name": n, "usercreated": true, "removed": false,
+                            "created": "2026-11-24T10:00:00Z", "size": "1048576", "children": {}})
+                            })
+                            .collect();
+                        data.push(serde_json::json!({"id": "volume-head", "type": "snapshot", "name": "volume-head",
+                            "usercreated": false, "removed": false, "created": "2026-11-24T10:00:01Z",
+                            "size": st.head.to_string(), "children": {}}));
+                        (
+                            200,
+                            serde_json::json!({"type": "collection", "resourceType": "snapshot", "data": data})
+                                .to_string(),
+                        )
+                    }
                     ("POST", "/v1/volumes/pvc-1?action=snapshotCreate") => {
                         let name = body["name"].as_str().unwrap_or("snap").to_string();
                         st.snapshots.push(name.clone());
+                        // What the head held moves into the new snapshot.
+                        st.head = 0;
                         (
                             200,
                             serde_json::json!({"id": name, "type": "snapshot", "name": name, "parent": "",
@@ -270,4 +294,40 @@ fn longhorn_api_snapshot_marks_the_point_and_replica_health_is_a_copy() {
     other.arg("--device").arg(&img).args(["--volume", "pvc-9", "--longhorn-url", &fake.url, "backup"]);
     let o = kit::run(&mut other);
     assert!(!o.status.success() && kit::stderr(&o).contains("HTTP 404"), "{}", kit::stderr(&o));
+}
+
+#[test]
+fn run_backs_up_when_the_volume_head_passes_the_threshold() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let certs = kit::certs(&dir.join("certs"), &["lh-1"], &[]);
+    // Only on-change backups here: the schedule is manual.
+    let config = format!(
+        "{GRANTS}[policy.assets.\"longhorn/pvc-1\"]\nschedule = \"manual\"\ncopies = [\"local\", \"replicas\"]\n"
+    );
+    let coord = Coordinator::start(dir, &certs, &config);
+    let fake = FakeLonghorn::start();
+    let img = dir.join("volume.img");
+    kit::ok(Command::new("truncate").args(["-s", "256M"]).arg(&img));
+    let mut daemon = agent(&coord, &certs, dir, &img);
+    daemon
+        .args(["--longhorn-url", &fake.url, "--change-threshold", "1MiB", "--change-min-interval", "1s"])
+        .args(["--change-poll", "100ms", "run"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("daemon.log")).unwrap());
+    let _daemon = kit::KillOnDrop(daemon.spawn().unwrap());
+    let listed = || kit::ok(agent(&coord, &certs, dir, &img).arg("list")).lines().count() - 1;
+    // Quiet volume: polled, no backup.
+    kit::wait_for("the head polled", Duration::from_secs(30), || {
+        fake.state.lock().unwrap().calls.iter().any(|c| c.contains("snapshotList")).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(listed(), 0, "nothing changed, nothing backed up");
+    // 5 MB written since the last snapshot: one backup, whose snapshot resets the head.
+    fake.state.lock().unwrap().head = 5_000_000;
+    kit::wait_for("an on-change backup", Duration::from_secs(60), || (listed() == 1).then_some(()));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(listed(), 1, "the head was reset by the backup's snapshot: no second backup");
+    let creates = fake.state.lock().unwrap().calls.iter().filter(|c| c.contains("snapshotCreate")).count();
+    assert_eq!(creates, 1);
 }
