@@ -265,6 +265,10 @@ fn longhorn_api_snapshot_marks_the_point_and_replica_health_is_a_copy() {
     }
     let s = status();
     assert!(s["copiesPresent"].as_array().unwrap().iter().any(|c| c == "replicas"), "{s}");
+    let (_, text) = kit::http_get(&coord.metrics_url);
+    let series = |n: &str| format!("coffer_asset_replicas_{n}{{asset=\"longhorn/pvc-1\",kind=\"longhorn\"}}");
+    assert_eq!(kit::metric(&text, &series("healthy")), Some(3.0), "{text}");
+    assert_eq!(kit::metric(&text, &series("desired")), Some(3.0), "{text}");
     let m = coord.data_dir.join(format!("repo/manifests/longhorn/pvc-1/{snap}.manifest"));
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(m).unwrap()).unwrap();
     assert_eq!(m["source"]["replicas_healthy"], 3);

@@ -83,7 +83,16 @@ pub async fn render(state: &Shared) -> Result<String, String> {
     let stream_newest = Family::<Labels, FGauge>::default();
     let stream_gaps = Family::<Labels, Gauge>::default();
     let window_start = Family::<Labels, FGauge>::default();
+    let replicas_healthy = Family::<Labels, Gauge>::default();
+    let replicas_desired = Family::<Labels, Gauge>::default();
     for a in &assets {
+        if a.kind == "longhorn"
+            && let Some(h) = state.replica_health(a).await
+        {
+            let l = asset_labels(&a.name, &a.kind);
+            replicas_healthy.get_or_create(&l).set(h.healthy as i64);
+            replicas_desired.get_or_create(&l).set(h.desired as i64);
+        }
         for s in state.stream_summaries(a).await.map_err(|e| e.to_string())? {
             let mut l = asset_labels(&a.name, &a.kind);
             l.push(("stream".into(), s.stream.clone()));
@@ -138,6 +147,12 @@ pub async fn render(state: &Shared) -> Result<String, String> {
         "Unix time the newest entry of the asset's stream (Postgres WAL) was committed",
         stream_newest,
     );
+    reg.register(
+        "asset_replicas_healthy",
+        "Longhorn replicas running read-write when the asset's newest backup was taken",
+        replicas_healthy,
+    );
+    reg.register("asset_replicas_desired", "Replicas the Longhorn volume wants", replicas_desired);
     reg.register("asset_stream_gaps", "Missing ranges in the asset's stream (Postgres WAL segments)", stream_gaps);
     reg.register(
         "asset_recovery_window_start_timestamp_seconds",

@@ -43,7 +43,36 @@ fn base_facts(m: &Manifest) -> Option<BaseFacts> {
     Some(BaseFacts { timeline, start_segno: segno, stop_time: coffer_common::time::unix_seconds(stop), seg_size })
 }
 
+/// Longhorn replica health as the asset's newest backup recorded it (agent-longhorn with
+/// the Longhorn API).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaHealth {
+    pub robustness: String,
+    pub healthy: u64,
+    pub desired: u64,
+}
+
+impl ReplicaHealth {
+    /// Counts as a copy: the volume healthy with every replica it wants.
+    pub fn ok(&self) -> bool {
+        self.robustness == "healthy" && self.desired > 0 && self.healthy >= self.desired
+    }
+}
+
 impl State {
+    /// Replica health from the newest snapshot's manifest, if it recorded any.
+    pub async fn replica_health(&self, a: &AssetRow) -> Option<ReplicaHealth> {
+        let (id, _) = a.latest.as_ref()?;
+        let (repo, asset, id) = (self.repo.clone(), a.name.clone(), id.clone());
+        let (bytes, _) = tokio::task::spawn_blocking(move || repo.read_manifest(&asset, &id)).await.ok()?.ok()?;
+        let m = Manifest::decode(&bytes).ok()?;
+        Some(ReplicaHealth {
+            robustness: m.source.get("robustness")?.as_str()?.to_string(),
+            healthy: m.source.get("replicas_healthy")?.as_u64()?,
+            desired: m.source.get("replicas_desired")?.as_u64()?,
+        })
+    }
+
     fn cached_base(&self, asset: &str, id: &str) -> Option<BaseFacts> {
         if let Some(f) = self.base_cache.0.lock().expect("base cache").get(id) {
             return f.clone();

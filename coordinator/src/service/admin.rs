@@ -85,9 +85,9 @@ impl AdminApi {
             // Longhorn's own replicas: a copy while the newest backup saw the volume healthy
             // with every replica it wants.
             if name == "replicas" {
-                match self.replica_health(a).await {
-                    Some((true, _)) => c.present.push(name.clone()),
-                    Some((false, why)) => notes.push(format!("replicas {why}")),
+                match self.state.replica_health(a).await {
+                    Some(h) if h.ok() => c.present.push(name.clone()),
+                    Some(h) => notes.push(format!("replicas {}: {}/{} healthy", h.robustness, h.healthy, h.desired)),
                     None => notes.push("replicas unknown (no Longhorn health in the newest backup)".into()),
                 }
                 continue;
@@ -123,23 +123,6 @@ impl AdminApi {
         }
         c.summary = summary;
         Ok(c)
-    }
-
-    /// The replica health the asset's newest backup recorded (agent-longhorn with the
-    /// Longhorn API): healthy or not, and why not.
-    async fn replica_health(&self, a: &AssetRow) -> Option<(bool, String)> {
-        let (id, _) = a.latest.as_ref()?;
-        let (repo, asset, id) = (self.state.repo.clone(), a.name.clone(), id.clone());
-        let m = blocking(move || repo.read_manifest(&asset, &id)).await.ok()?.ok()?;
-        let m = coffer_common::manifest::Manifest::decode(&m.0).ok()?;
-        let robustness = m.source.get("robustness")?.as_str()?.to_string();
-        let healthy = m.source.get("replicas_healthy")?.as_u64()?;
-        let desired = m.source.get("replicas_desired")?.as_u64()?;
-        if robustness == "healthy" && healthy >= desired && desired > 0 {
-            Some((true, String::new()))
-        } else {
-            Some((false, format!("{robustness}: {healthy}/{desired} healthy")))
-        }
     }
 
     async fn streams(&self, a: &AssetRow) -> Result<Vec<pb::StreamStatus>> {
