@@ -128,7 +128,7 @@ async fn drill(
     let result = async {
         source.restore(&reader, &image).await?;
         reader.finish();
-        let v = source.verify(reader.manifest(), &image).await?;
+        let v = source.verify_full(reader.manifest(), &image).await?;
         let mut report = DrillReport {
             snapshot: reader.manifest().snapshot.clone(),
             checks: v.checks,
