@@ -21,6 +21,26 @@ fn moto(dir: &Path) -> (KillOnDrop, u16) {
     (KillOnDrop(proc), port)
 }
 
+/// moto with the buckets `setup` (boto3 code) creates, access-key files `ak`/`sk` in `dir`,
+/// and certificates for agent git-1 and admin ops: what every copy test starts from.
+fn s3_lab(dir: &Path, setup: &str) -> (KillOnDrop, u16, std::path::PathBuf) {
+    let (proc, port) = moto(dir);
+    s3(port, setup);
+    std::fs::write(dir.join("ak"), "test").unwrap();
+    std::fs::write(dir.join("sk"), "test").unwrap();
+    (proc, port, kit::certs(&dir.join("certs"), &["git-1"], &["ops"]))
+}
+
+/// A `[targets.NAME]` block for a bucket on the lab's moto, credentials from the key files.
+fn target_toml(dir: &Path, port: u16, name: &str, bucket: &str) -> String {
+    format!(
+        "[targets.{name}]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"{bucket}\"\n\
+         access-key-file = {:?}\nsecret-key-file = {:?}\n",
+        dir.join("ak"),
+        dir.join("sk")
+    )
+}
+
 /// boto3 (installed with moto) against the test server: create a bucket or list/fetch keys.
 fn s3(port: u16, script: &str) -> String {
     let prog = format!(
@@ -34,11 +54,7 @@ fn s3(port: u16, script: &str) -> String {
 fn packs_and_manifests_reach_the_target_the_policy_names() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (_moto, port) = moto(dir);
-    s3(port, "s3.create_bucket(Bucket='primary')");
-    std::fs::write(dir.join("ak"), "test").unwrap();
-    std::fs::write(dir.join("sk"), "test").unwrap();
-    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
+    let (_moto, port, certs) = s3_lab(dir, "s3.create_bucket(Bucket='primary')");
     let config = format!(
         "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
          [policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\n\
@@ -174,17 +190,8 @@ fn an_unreachable_target_keeps_local_backups_working_and_says_why() {
 fn a_new_coordinator_rebuilt_from_the_copy_alone_restores_and_names_a_tampered_manifest() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (_moto, port) = moto(dir);
-    s3(port, "s3.create_bucket(Bucket='offsite')");
-    std::fs::write(dir.join("ak"), "test").unwrap();
-    std::fs::write(dir.join("sk"), "test").unwrap();
-    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
-    let target = format!(
-        "[targets.offsite]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"offsite\"\n\
-         access-key-file = {:?}\nsecret-key-file = {:?}\n",
-        dir.join("ak"),
-        dir.join("sk")
-    );
+    let (_moto, port, certs) = s3_lab(dir, "s3.create_bucket(Bucket='offsite')");
+    let target = target_toml(dir, port, "offsite", "offsite");
     let first = dir.join("first");
     std::fs::create_dir_all(&first).unwrap();
     let config = format!(
@@ -243,18 +250,11 @@ fn a_new_coordinator_rebuilt_from_the_copy_alone_restores_and_names_a_tampered_m
 fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (_moto, port) = moto(dir);
-    s3(port, "s3.create_bucket(Bucket='primary')");
-    std::fs::write(dir.join("ak"), "test").unwrap();
-    std::fs::write(dir.join("sk"), "test").unwrap();
-    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
+    let (_moto, port, certs) = s3_lab(dir, "s3.create_bucket(Bucket='primary')");
     let config = format!(
         "replication-interval = \"1s\"\nverify-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
-         [policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\n\
-         [targets.s3]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"primary\"\n\
-         access-key-file = {:?}\nsecret-key-file = {:?}\n",
-        dir.join("ak"),
-        dir.join("sk")
+         [policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\n{}",
+        target_toml(dir, port, "s3", "primary")
     );
     let mut coord = Coordinator::start(dir, &certs, &config);
     let repo = kit::git_repo(&dir.join("src"), &[("a.txt", &kit::random_bytes(300_000, 1))]);
@@ -358,19 +358,11 @@ fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
 fn prune_deletes_copies_but_never_before_their_object_lock_ends() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let (_moto, port) = moto(dir);
-    s3(port, "s3.create_bucket(Bucket='plain')\ns3.create_bucket(Bucket='vault', ObjectLockEnabledForBucket=True)");
-    std::fs::write(dir.join("ak"), "test").unwrap();
-    std::fs::write(dir.join("sk"), "test").unwrap();
-    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
-    let target = |name: &str, bucket: &str| {
-        format!(
-            "[targets.{name}]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"{bucket}\"\n\
-             access-key-file = {:?}\nsecret-key-file = {:?}\n",
-            dir.join("ak"),
-            dir.join("sk")
-        )
-    };
+    let (_moto, port, certs) = s3_lab(
+        dir,
+        "s3.create_bucket(Bucket='plain')\ns3.create_bucket(Bucket='vault', ObjectLockEnabledForBucket=True)",
+    );
+    let target = |name: &str, bucket: &str| target_toml(dir, port, name, bucket);
     let config = format!(
         "replication-interval = \"1s\"\ngc-grace = \"0s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
          [policy.assets.\"git/cache\"]\ncopies = [\"local\", \"s3\"]\nretention = {{ last = 1 }}\nlock-days = 0\n\
