@@ -124,6 +124,15 @@ impl Pg {
         self.proc = Some(child);
     }
 
+    /// Fast shutdown, waiting until the postmaster and its children are gone (a SIGKILLed
+    /// postmaster's children may still hold the shared memory a restart needs).
+    fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            kit::signal(p.0.id(), "INT");
+            let _ = p.0.wait();
+        }
+    }
+
     fn psql_raw(&self, sql: &str) -> std::process::Output {
         kit::run(
             Command::new("psql")
@@ -422,7 +431,7 @@ fn archiving_survives_a_coordinator_outage_and_base_backups_need_archiving() {
     drop(copy);
 
     // Without archiving a base backup could never be made consistent: refused, clearly.
-    pg.proc = None;
+    pg.stop();
     pg.start(&env, &["archive_mode=off"]);
     let o = kit::run(pg_agent(&coord, &certs, d, &pg).arg("backup"));
     assert!(!o.status.success());
