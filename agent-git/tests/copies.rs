@@ -59,7 +59,7 @@ fn packs_and_manifests_reach_the_target_the_policy_names() {
         "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
          [policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\n\
          [policy.assets.\"git/b\"]\ncopies = [\"local\"]\n\
-         [targets.s3]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"primary\"\nprefix = \"coffer/\"\n\
+         [targets.s3]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"primary\"\nprefix = \"coffer/\"\nbandwidth-limit = \"200MiB\"\n\
          access-key-file = {:?}\nsecret-key-file = {:?}\n",
         dir.join("ak"),
         dir.join("sk")

@@ -41,6 +41,21 @@ pub struct TargetConfig {
     /// Object Lock mode for locked assets: `compliance` (default) or `governance`.
     #[serde(default = "default_lock_mode")]
     pub lock_mode: String,
+    /// Upload at most this many bytes per second to this target (`50MiB`; none by default).
+    #[serde(default, deserialize_with = "de_rate")]
+    pub bandwidth_limit: Option<u64>,
+}
+
+fn de_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    s.map(|s| coffer_common::units::parse_size(&s).map_err(serde::de::Error::custom)).transpose()
+}
+
+/// When the next upload may start so that `bytes` just sent keep the average under `limit`
+/// bytes per second: the pacing clock moves on by `bytes / limit` from the later of itself
+/// and now (idle time is not saved up as a burst).
+pub fn pace(next: std::time::Instant, now: std::time::Instant, bytes: u64, limit: u64) -> std::time::Instant {
+    next.max(now) + std::time::Duration::from_secs_f64(bytes as f64 / limit.max(1) as f64)
 }
 
 fn default_region() -> String {
@@ -366,10 +381,16 @@ async fn drain(state: &Shared, name: &str, target: &TargetConfig) -> Result<(), 
     let pending = state.catalog.pending_replication(name).await?;
     let mut unfinished: std::collections::HashSet<(Option<String>, i64)> = Default::default();
     let (mut failed_in_a_row, mut first_error) = (0usize, None);
+    let mut next_start = std::time::Instant::now();
     for item in pending {
         if (0..item.order).any(|o| unfinished.contains(&(item.asset.clone(), o))) {
             unfinished.insert((item.asset.clone(), item.order));
             continue;
+        }
+        if let Some(limit) = target.bandwidth_limit {
+            tokio::time::sleep_until(next_start.into()).await;
+            let bytes = std::fs::metadata(state.repo.root().join(&item.key)).map(|m| m.len()).unwrap_or(0);
+            next_start = pace(next_start, std::time::Instant::now(), bytes, limit);
         }
         match upload(state, name, target, &client, &item).await {
             Ok(()) => failed_in_a_row = 0,
@@ -539,6 +560,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pacing_keeps_the_average_under_the_limit_without_saving_up_bursts() {
+        let t0 = std::time::Instant::now();
+        let mb = 1_000_000;
+        // 3 MB at 1 MB/s: the next upload may start 3 s later.
+        let n = pace(t0, t0, 3 * mb, mb);
+        assert_eq!(n - t0, std::time::Duration::from_secs(3));
+        // Sending again before that: the clock moves on from where it was.
+        assert_eq!(pace(n, t0, mb, mb) - t0, std::time::Duration::from_secs(4));
+        // After a long idle time: from now, not from the old clock (no burst).
+        let later = t0 + std::time::Duration::from_secs(100);
+        assert_eq!(pace(n, later, mb, mb) - later, std::time::Duration::from_secs(1));
+    }
 
     #[test]
     fn scan_orders_manifests_last_and_skips_tmp() {
