@@ -112,10 +112,15 @@ fn read_volume(mut f: File, tx: tokio::sync::mpsc::Sender<(u64, Vec<u8>)>) -> Re
     let mut hasher = Sha256::new();
     let mut scan = Scan { sha256: [0; 32], holes: 0, data: 0 };
     let blocks = size.div_ceil(BLOCK);
+    // Blocks and extents both go up: one cursor walks the extents (no rescan per block).
+    let mut ext = 0;
     for i in 0..blocks {
         let off = i * BLOCK;
         let len = BLOCK.min(size - off) as usize;
-        let has_data = extents.iter().any(|&(s, e)| s < off + len as u64 && e > off);
+        while ext < extents.len() && extents[ext].1 <= off {
+            ext += 1;
+        }
+        let has_data = extents.get(ext).is_some_and(|&(s, _)| s < off + len as u64);
         if !has_data {
             hasher.update(&zeros[..len]);
             scan.holes += 1;

@@ -20,9 +20,19 @@ pub struct BaseFacts {
     seg_size: u64,
 }
 
-/// Cache of [`BaseFacts`] by snapshot id (None: not a Postgres base backup).
+/// What status and metrics read from a snapshot's manifest, decoded once per snapshot id
+/// (manifests never change; a big one is megabytes of JSON).
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotFacts {
+    /// A Postgres base backup's start segment and stop time.
+    base: Option<BaseFacts>,
+    /// Longhorn replica health at backup time.
+    replicas: Option<ReplicaHealth>,
+}
+
+/// Cache of [`SnapshotFacts`] by snapshot id.
 #[derive(Default)]
-pub struct BaseCache(Mutex<HashMap<String, Option<BaseFacts>>>);
+pub struct FactsCache(Mutex<HashMap<String, SnapshotFacts>>);
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamSummary {
@@ -59,31 +69,33 @@ impl ReplicaHealth {
     }
 }
 
+fn replica_health(m: &Manifest) -> Option<ReplicaHealth> {
+    Some(ReplicaHealth {
+        robustness: m.source.get("robustness")?.as_str()?.to_string(),
+        healthy: m.source.get("replicas_healthy")?.as_u64()?,
+        desired: m.source.get("replicas_desired")?.as_u64()?,
+    })
+}
+
 impl State {
     /// Replica health from the newest snapshot's manifest, if it recorded any.
     pub async fn replica_health(&self, a: &AssetRow) -> Option<ReplicaHealth> {
         let (id, _) = a.latest.as_ref()?;
-        let (repo, asset, id) = (self.repo.clone(), a.name.clone(), id.clone());
-        let (bytes, _) = tokio::task::spawn_blocking(move || repo.read_manifest(&asset, &id)).await.ok()?.ok()?;
-        let m = Manifest::decode(&bytes).ok()?;
-        Some(ReplicaHealth {
-            robustness: m.source.get("robustness")?.as_str()?.to_string(),
-            healthy: m.source.get("replicas_healthy")?.as_u64()?,
-            desired: m.source.get("replicas_desired")?.as_u64()?,
-        })
+        self.facts(&a.name, id).await.replicas
     }
 
-    fn cached_base(&self, asset: &str, id: &str) -> Option<BaseFacts> {
-        if let Some(f) = self.base_cache.0.lock().expect("base cache").get(id) {
+    async fn facts(&self, asset: &str, id: &str) -> SnapshotFacts {
+        if let Some(f) = self.facts_cache.0.lock().expect("facts cache").get(id) {
             return f.clone();
         }
-        let facts = self
-            .repo
-            .read_manifest(asset, id)
-            .ok()
-            .and_then(|(bytes, _)| Manifest::decode(&bytes).ok())
-            .and_then(|m| base_facts(&m));
-        self.base_cache.0.lock().expect("base cache").insert(id.to_string(), facts.clone());
+        let (repo, a, i) = (self.repo.clone(), asset.to_string(), id.to_string());
+        let facts = tokio::task::spawn_blocking(move || {
+            let m = repo.read_manifest(&a, &i).ok().and_then(|(bytes, _)| Manifest::decode(&bytes).ok());
+            m.map(|m| SnapshotFacts { base: base_facts(&m), replicas: replica_health(&m) }).unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default();
+        self.facts_cache.0.lock().expect("facts cache").insert(id.to_string(), facts.clone());
         facts
     }
 
@@ -114,7 +126,10 @@ impl State {
                 // Oldest first: the window starts at the oldest base the WAL replays from.
                 let mut bases = self.catalog.snapshots(Some(&a.name), "", 0).await?;
                 bases.reverse();
-                let facts: Vec<BaseFacts> = bases.iter().filter_map(|b| self.cached_base(&a.name, &b.id)).collect();
+                let mut facts: Vec<BaseFacts> = Vec::with_capacity(bases.len());
+                for b in &bases {
+                    facts.extend(self.facts(&a.name, &b.id).await.base);
+                }
                 let seg_size = facts.last().map(|f| f.seg_size).unwrap_or(16 << 20);
                 let c = Continuity::of(files.iter().map(|f| f.path.as_str()), seg_size);
                 s.gaps = c

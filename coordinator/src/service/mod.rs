@@ -38,8 +38,8 @@ pub struct State {
     pub stream_lock: tokio::sync::Mutex<()>,
     /// The start-up check of each copy target's bucket (drift is reported, never fatal).
     pub bucket_checks: std::sync::Mutex<Vec<crate::replicate::BucketCheck>>,
-    /// Postgres base-backup facts read from manifests, for stream status.
-    pub base_cache: crate::streams::BaseCache,
+    /// Facts status and metrics read from manifests (Postgres bases, Longhorn replicas).
+    pub facts_cache: crate::streams::FactsCache,
 }
 
 impl State {
@@ -54,7 +54,7 @@ impl State {
             trigger_lock: Default::default(),
             metrics: Default::default(),
             stream_lock: Default::default(),
-            base_cache: Default::default(),
+            facts_cache: Default::default(),
             bucket_checks: Default::default(),
             collecting: Default::default(),
             prune_lock: Default::default(),
