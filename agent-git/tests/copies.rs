@@ -4,21 +4,13 @@
 //! copy as present.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use coffer_testkit::{self as kit, Coordinator, KillOnDrop};
 
 fn moto(dir: &Path) -> (KillOnDrop, u16) {
-    let port = kit::free_port();
-    let proc = Command::new("moto_server")
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("moto.log")).unwrap())
-        .spawn()
-        .expect("moto_server is required (scripts/install-deps.sh installs moto[server] from PyPI)");
-    kit::wait_for("moto serving", Duration::from_secs(60), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
-    (KillOnDrop(proc), port)
+    kit::s3_server(dir)
 }
 
 /// moto with the buckets `setup` (boto3 code) creates, access-key files `ak`/`sk` in `dir`,
@@ -426,4 +418,341 @@ fn prune_deletes_copies_but_never_before_their_object_lock_ends() {
         kit::metric(&text, "coffer_target_pending_deletions{target=\"vault\"}").is_some_and(|n| n >= 2.0),
         "{text}"
     );
+}
+
+/// The copy status of an asset from AdminService/AssetStatus.
+fn asset_status(coord: &Coordinator, certs: &Path, asset: &str) -> serde_json::Value {
+    let o = coord.grpcurl(
+        certs,
+        "admin-ops",
+        &["-d", &format!("{{\"asset\":\"{asset}\"}}")],
+        "coffer.v1.AdminService/AssetStatus",
+    );
+    assert!(o.status.success(), "{}", kit::stderr(&o));
+    serde_json::from_str(&kit::stdout(&o)).unwrap()
+}
+
+fn copies_present(coord: &Coordinator, certs: &Path, asset: &str) -> Vec<String> {
+    asset_status(coord, certs, asset)["status"]["copiesPresent"]
+        .as_array()
+        .map(|a| a.iter().map(|c| c.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn large_packs_go_up_in_parts_and_a_throttling_store_is_retried_with_backoff() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_moto, port, certs) = s3_lab(dir, "s3.create_bucket(Bucket='vault', ObjectLockEnabledForBucket=True)");
+    // The store is real; the relay in front answers the first requests `503 Slow Down`.
+    let relay = kit::FaultProxy::start(port);
+    relay.throttle(3);
+    let config = format!(
+        "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+         [policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\nlock-days = 2\n\
+         [targets.s3]\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"vault\"\nconcurrency = 2\n\
+         multipart-threshold = \"5MiB\"\nmultipart-part-size = \"5MiB\"\n\
+         access-key-file = {:?}\nsecret-key-file = {:?}\n",
+        relay.port,
+        dir.join("ak"),
+        dir.join("sk")
+    );
+    let coord = Coordinator::start(dir, &certs, &config);
+    let repo = kit::git_repo(&dir.join("src"), &[("big.bin", &kit::random_bytes(12 << 20, 7))]);
+    kit::ok(
+        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
+            .arg("--work-dir")
+            .arg(dir.join("w"))
+            .arg("--repo")
+            .arg(&repo)
+            .arg("backup"),
+    );
+    kit::wait_for("git/a copied to s3", Duration::from_secs(90), || {
+        copies_present(&coord, &certs, "git/a").contains(&"s3".to_string()).then_some(())
+    });
+    assert_eq!(relay.throttled(), 3, "the relay refused the first requests");
+    // Each refused request was retried within its upload (backoff in the client): no upload
+    // failed, so none waited for another pass.
+    assert!(!coord.logs().contains("replication: target s3"), "{}", coord.logs());
+
+    // The big pack went up in three parts: the store's composite checksum is the SHA-256 of
+    // the parts' SHA-256s, and the lock asked for at creation is on the object.
+    let packs: Vec<String> = walk(&coord.data_dir.join("repo")).into_iter().filter(|k| k.ends_with(".pack")).collect();
+    let big = packs
+        .iter()
+        .max_by_key(|k| std::fs::metadata(coord.data_dir.join("repo").join(k)).unwrap().len())
+        .unwrap()
+        .clone();
+    let local = coord.data_dir.join("repo").join(&big);
+    assert!(std::fs::metadata(&local).unwrap().len() > 10 << 20, "a pack above the multipart threshold");
+    let facts = s3(
+        port,
+        &format!(
+            "import hashlib, base64, datetime\n\
+             h = s3.head_object(Bucket='vault', Key='{big}', ChecksumMode='ENABLED')\n\
+             data = open({local:?}, 'rb').read()\n\
+             parts = [data[i:i + (5 << 20)] for i in range(0, len(data), 5 << 20)]\n\
+             comp = base64.b64encode(hashlib.sha256(b''.join(hashlib.sha256(p).digest() for p in parts)).digest()).decode()\n\
+             body = s3.get_object(Bucket='vault', Key='{big}')['Body'].read()\n\
+             days = (h['ObjectLockRetainUntilDate'] - datetime.datetime.now(datetime.timezone.utc)).days\n\
+             print(len(parts), h['ChecksumSHA256'].split('-')[0] == comp, body == data, h['ObjectLockMode'], days)"
+        ),
+    );
+    assert_eq!(facts.trim(), "3 True True COMPLIANCE 1", "parts, checksum, bytes, lock mode, days left");
+    // Fast verify compares the composite checksum; deep verify downloads and checks chunks.
+    for body in ["{\"target\":\"s3\",\"all\":true}", "{\"target\":\"s3\",\"all\":true,\"deep\":true}"] {
+        let o = coord.grpcurl(&certs, "admin-ops", &["-d", body], "coffer.v1.AdminService/Verify");
+        assert!(o.status.success(), "{}", kit::stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).unwrap();
+        assert!(v.get("copyProblems").is_none() && v["objects"].as_str().is_some(), "{body}: {v}");
+    }
+}
+
+#[test]
+fn a_store_that_goes_away_mid_replication_is_caught_up_with_nothing_lost_or_duplicated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_moto, port, certs) = s3_lab(
+        dir,
+        "s3.create_bucket(Bucket='primary')\n\
+         s3.put_bucket_versioning(Bucket='primary', VersioningConfiguration={'Status': 'Enabled'})",
+    );
+    let relay = kit::FaultProxy::start(port);
+    // Slow uploads (1 MiB/s) so the store can vanish in the middle of the queue.
+    let config = format!(
+        "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+         [policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\n\
+         [targets.s3]\nendpoint = \"http://127.0.0.1:{}\"\nbucket = \"primary\"\nconcurrency = 1\n\
+         bandwidth-limit = \"1MiB\"\nmax-attempts = 2\naccess-key-file = {:?}\nsecret-key-file = {:?}\n",
+        relay.port,
+        dir.join("ak"),
+        dir.join("sk")
+    );
+    let coord = Coordinator::start(dir, &certs, &config);
+    relay.set_down(true);
+    let repo = kit::git_repo(&dir.join("src"), &[("a.bin", &kit::random_bytes(1_500_000, 1))]);
+    let backup = || {
+        kit::ok(
+            kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
+                .arg("--work-dir")
+                .arg(dir.join("w"))
+                .arg("--repo")
+                .arg(&repo)
+                .arg("backup"),
+        )
+    };
+    backup();
+    for i in 2..=4u64 {
+        kit::commit(&repo, &[(&format!("{i}.bin"), &kit::random_bytes(1_500_000, i))], "more");
+        backup();
+    }
+    let local: Vec<String> =
+        walk(&coord.data_dir.join("repo")).into_iter().filter(|k| !k.starts_with("tmp/")).collect();
+    let listed = || {
+        s3(port, "for o in s3.list_objects_v2(Bucket='primary').get('Contents', []): print(o['Key'])")
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // Up: uploads start; as soon as some objects are in, the store goes away again.
+    relay.set_down(false);
+    let partial = kit::wait_for("the first objects copied", Duration::from_secs(60), || {
+        let l = listed();
+        (!l.is_empty()).then_some(l.len())
+    });
+    relay.set_down(true);
+    assert!(partial < local.len(), "the store went away mid-queue ({partial} of {})", local.len());
+    kit::wait_for("the failure in the copy status", Duration::from_secs(60), || {
+        let v = asset_status(&coord, &certs, "git/a");
+        let summary = v["status"]["copiesSummary"].as_str()?.to_string();
+        (summary.contains("s3 pending") && summary.contains("last error")).then_some(summary)
+    });
+    relay.set_down(false);
+    kit::wait_for("git/a caught up in s3", Duration::from_secs(120), || {
+        copies_present(&coord, &certs, "git/a").contains(&"s3".to_string()).then_some(())
+    });
+    // Everything is there once: one version per key, no delete markers.
+    let versions = s3(
+        port,
+        "r = s3.list_object_versions(Bucket='primary')\n\
+         for v in r.get('Versions', []): print('V', v['Key'])\n\
+         for d in r.get('DeleteMarkers', []): print('D', d['Key'])",
+    );
+    let mut keys: Vec<&str> = versions.lines().map(|l| l.strip_prefix("V ").unwrap_or(l)).collect();
+    keys.sort();
+    let mut expected: Vec<&str> = local.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(keys, expected, "each local object exactly once in the bucket");
+    for key in local.iter().filter(|k| k.ends_with(".pack") || k.ends_with(".manifest")) {
+        let here = std::fs::read(coord.data_dir.join("repo").join(key)).unwrap();
+        let there =
+            s3(port, &format!("sys.stdout.write(s3.get_object(Bucket='primary', Key='{key}')['Body'].read().hex())"));
+        assert_eq!(there.trim(), hex(&here), "{key}");
+    }
+}
+
+#[test]
+fn built_in_copy_rows_end_verified_and_locked_in_two_stores_and_the_offsite_alone_restores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // Two independent S3 servers: the primary region's and the offsite one.
+    let (_primary, p_port, certs) = s3_lab(dir, "s3.create_bucket(Bucket='primary', ObjectLockEnabledForBucket=True)");
+    let (_offsite, o_port) = moto(dir);
+    s3(o_port, "s3.create_bucket(Bucket='offsite', ObjectLockEnabledForBucket=True)");
+    let targets =
+        format!("{}{}", target_toml(dir, p_port, "s3", "primary"), target_toml(dir, o_port, "offsite", "offsite"));
+    // Git assets given the built-in etcd row (local + offsite, 30 days locked) and the
+    // built-in postgres row (local + s3 + offsite, 30 days locked).
+    let rows = "[policy.assets.\"git/etcd-like\"]\ncopies = [\"local\", \"offsite\"]\nlock-days = 30\n\
+                [policy.assets.\"git/pg-like\"]\ncopies = [\"local\", \"s3\", \"offsite\"]\nlock-days = 30\n";
+    let first = dir.join("first");
+    std::fs::create_dir_all(&first).unwrap();
+    let config = format!("replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n{rows}{targets}");
+    let coord = Coordinator::start(&first, &certs, &config);
+    let mut repos = Vec::new();
+    for (i, asset) in ["git/etcd-like", "git/pg-like"].into_iter().enumerate() {
+        let repo = kit::git_repo(
+            &dir.join(format!("src-{i}")),
+            &[("data.bin", &kit::random_bytes(400_000, 10 + i as u64)), ("README", asset.as_bytes())],
+        );
+        let out = kit::ok(
+            kit::agent("agent-git", &coord, &certs, "git-1", dir, asset)
+                .arg("--work-dir")
+                .arg(dir.join(format!("w-{i}")))
+                .arg("--repo")
+                .arg(&repo)
+                .arg("backup"),
+        );
+        repos.push((asset, repo, kit::backup_line(&out).0));
+    }
+    kit::wait_for("every copy present", Duration::from_secs(90), || {
+        (copies_present(&coord, &certs, "git/etcd-like") == ["local", "offsite"]
+            && copies_present(&coord, &certs, "git/pg-like") == ["local", "s3", "offsite"])
+        .then_some(())
+    });
+    let summary = asset_status(&coord, &certs, "git/pg-like")["status"]["copiesSummary"].as_str().unwrap().to_string();
+    assert!(summary.starts_with("3/3: local, s3, offsite"), "{summary}");
+    // Deep verify of both stores finds nothing wrong.
+    for target in ["s3", "offsite"] {
+        let o = coord.grpcurl(
+            &certs,
+            "admin-ops",
+            &["-d", &format!("{{\"target\":\"{target}\",\"all\":true,\"deep\":true}}")],
+            "coffer.v1.AdminService/Verify",
+        );
+        let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).unwrap();
+        assert!(v.get("copyProblems").is_none() && v["objects"].as_str().is_some(), "{target}: {v}");
+    }
+    // Locked for 30 days in both stores; the etcd-like asset is not in the primary store.
+    let lock_of = |port: u16, bucket: &str, asset: &str| {
+        s3(
+            port,
+            &format!(
+                "import datetime\n\
+                 k = [o['Key'] for o in s3.list_objects_v2(Bucket='{bucket}', Prefix='manifests/{asset}/')['Contents']][0]\n\
+                 h = s3.head_object(Bucket='{bucket}', Key=k)\n\
+                 print(h['ObjectLockMode'], (h['ObjectLockRetainUntilDate'] - datetime.datetime.now(datetime.timezone.utc)).days)"
+            ),
+        )
+    };
+    assert_eq!(lock_of(o_port, "offsite", "git/etcd-like").trim(), "COMPLIANCE 29");
+    assert_eq!(lock_of(o_port, "offsite", "git/pg-like").trim(), "COMPLIANCE 29");
+    assert_eq!(lock_of(p_port, "primary", "git/pg-like").trim(), "COMPLIANCE 29");
+    let primary = s3(p_port, "for o in s3.list_objects_v2(Bucket='primary').get('Contents', []): print(o['Key'])");
+    assert!(!primary.contains("etcd-like"), "{primary}");
+    drop(coord);
+
+    // Another region: a new coordinator with only the offsite bucket restores both exactly.
+    let second = dir.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    let mut fresh = Coordinator::prepare(
+        &second,
+        &certs,
+        &format!("[agents.git-1]\nassets = [\"git/*\"]\n{rows}{}", target_toml(dir, o_port, "offsite", "offsite")),
+    );
+    let o = kit::run(
+        Command::new(kit::bin("coordinator")).args(["rebuild", "--from", "offsite", "--config"]).arg(&fresh.config),
+    );
+    assert!(o.status.success(), "{}{}", kit::stdout(&o), kit::stderr(&o));
+    assert!(kit::stdout(&o).contains("recorded 2 snapshots"), "{}", kit::stdout(&o));
+    fresh.launch();
+    for (i, (asset, repo, snap)) in repos.iter().enumerate() {
+        let to = dir.join(format!("restored-{i}.git"));
+        kit::ok(
+            kit::agent("agent-git", &fresh, &certs, "git-1", dir, asset)
+                .arg("--work-dir")
+                .arg(dir.join(format!("w-{i}")))
+                .arg("--repo")
+                .arg(repo)
+                .args(["restore", "--snapshot", snap, "--to"])
+                .arg(&to),
+        );
+        // Git object ids are content hashes: equal refs are an exact restore.
+        assert_eq!(kit::refs(&to), kit::refs(repo), "{asset}");
+    }
+}
+
+#[test]
+fn wrong_credentials_and_a_bucket_without_object_lock_are_named_and_local_backups_go_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The store checks credentials after its first five requests (the set-up below).
+    let (_s3, port) = kit::s3_server_with_env(dir, &[("INITIAL_NO_AUTH_ACTION_COUNT", "5")]);
+    let keys = s3(
+        port,
+        "import json\niam = boto3.client('iam', endpoint_url=s3.meta.endpoint_url, region_name='us-east-1', \
+         aws_access_key_id='test', aws_secret_access_key='test')\n\
+         s3.create_bucket(Bucket='primary')\ns3.create_bucket(Bucket='plain')\n\
+         iam.create_user(UserName='coffer')\n\
+         iam.put_user_policy(UserName='coffer', PolicyName='s3', PolicyDocument=json.dumps({'Version': '2012-10-17', \
+         'Statement': [{'Effect': 'Allow', 'Action': 's3:*', 'Resource': '*'}]}))\n\
+         k = iam.create_access_key(UserName='coffer')['AccessKey']\nprint(k['AccessKeyId'], k['SecretAccessKey'])",
+    );
+    let (ak, sk) = keys.trim().split_once(' ').unwrap();
+    std::fs::write(dir.join("good-ak"), ak).unwrap();
+    std::fs::write(dir.join("good-sk"), sk).unwrap();
+    std::fs::write(dir.join("ak"), "AKIAWRONGWRONGWRONG0").unwrap();
+    std::fs::write(dir.join("sk"), "not-the-secret").unwrap();
+    let certs = kit::certs(&dir.join("certs"), &["git-1"], &["ops"]);
+    let config = format!(
+        "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+         [policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\n\
+         [policy.assets.\"git/ledger\"]\ncopies = [\"local\", \"vault\"]\nlock-days = 30\n{}\
+         [targets.vault]\nendpoint = \"http://127.0.0.1:{port}\"\nbucket = \"plain\"\n\
+         access-key-file = {:?}\nsecret-key-file = {:?}\n",
+        target_toml(dir, port, "s3", "primary"),
+        dir.join("good-ak"),
+        dir.join("good-sk")
+    );
+    let coord = Coordinator::start(dir, &certs, &config);
+    // At start: the bucket lacks Object Lock that git/ledger's policy needs.
+    let drift = kit::wait_for("the drift report", Duration::from_secs(30), || {
+        coord.logs().lines().find(|l| l.contains("copy target drift") && l.contains("plain")).map(str::to_string)
+    });
+    assert!(drift.contains("has no Object Lock") && drift.contains("git/ledger") && drift.contains("30"), "{drift}");
+    let (_, text) = kit::http_get(&coord.metrics_url);
+    assert_eq!(kit::metric(&text, "coffer_target_config_drift{target=\"vault\"}"), Some(1.0), "{text}");
+    // The built-in postgres row also locks its s3 copies; that bucket cannot even be read
+    // with the wrong key, and the report says why.
+    let s3_drift =
+        coord.logs().lines().find(|l| l.contains("copy target drift") && l.contains("target=s3")).map(str::to_string);
+    assert!(s3_drift.as_deref().is_some_and(|l| l.contains("InvalidAccessKeyId")), "{s3_drift:?}");
+
+    // Backups go on locally; the target with the wrong key says so, by name.
+    let repo = kit::git_repo(&dir.join("src"), &[("a.txt", b"hello")]);
+    let out = kit::ok(
+        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
+            .arg("--work-dir")
+            .arg(dir.join("w"))
+            .arg("--repo")
+            .arg(&repo)
+            .arg("backup"),
+    );
+    assert!(out.starts_with("snapshot "), "{out}");
+    let summary = kit::wait_for("the credential failure in the status", Duration::from_secs(30), || {
+        let v = asset_status(&coord, &certs, "git/a");
+        let s = v["status"]["copiesSummary"].as_str()?.to_string();
+        s.contains("InvalidAccessKeyId").then_some(s)
+    });
+    assert!(summary.starts_with("1/2: local; s3 pending"), "{summary}");
 }

@@ -120,6 +120,15 @@ pub struct CatalogError(#[from] sqlx::Error);
 
 type Result<T> = std::result::Result<T, CatalogError>;
 
+/// An object a copy target holds, due for verification: its SHA-256 (hex) and the
+/// checksum the store keeps (none for objects uploaded before checksums were recorded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyToVerify {
+    pub key: String,
+    pub sha256: Option<String>,
+    pub checksum: Option<String>,
+}
+
 #[derive(Clone)]
 pub struct Catalog {
     pool: SqlitePool,
@@ -373,7 +382,15 @@ impl Catalog {
             sqlx::query("ALTER TABLE snapshots ADD COLUMN stream TEXT NOT NULL DEFAULT ''").execute(&pool).await?;
         }
         // Copy verification columns (catalogs from before it).
-        for (col, ty) in [("sha256", "TEXT"), ("verified_ms", "INTEGER"), ("verify_error", "TEXT")] {
+        // `checksum`: what the store keeps (composite for multipart); `next_try_ms`: backoff
+        // of an object the store refused.
+        for (col, ty) in [
+            ("sha256", "TEXT"),
+            ("verified_ms", "INTEGER"),
+            ("verify_error", "TEXT"),
+            ("checksum", "TEXT"),
+            ("next_try_ms", "INTEGER"),
+        ] {
             let has = sqlx::query("SELECT 1 FROM pragma_table_info('replication') WHERE name = ?")
                 .bind(col)
                 .fetch_optional(&pool)
@@ -537,12 +554,14 @@ impl Catalog {
             .collect())
     }
 
-    /// Objects `target` still lacks, in upload order.
-    pub async fn pending_replication(&self, target: &str) -> Result<Vec<crate::replicate::RepoObject>> {
+    /// Objects `target` still lacks and may try now, in upload order.
+    pub async fn pending_replication(&self, target: &str, now_ms: i64) -> Result<Vec<crate::replicate::RepoObject>> {
         Ok(sqlx::query(
-            "SELECT key, asset, ord FROM replication WHERE target = ? AND done_ms IS NULL ORDER BY ord, key",
+            "SELECT key, asset, ord FROM replication
+             WHERE target = ? AND done_ms IS NULL AND (next_try_ms IS NULL OR next_try_ms <= ?) ORDER BY ord, key",
         )
         .bind(target)
+        .bind(now_ms)
         .fetch_all(&self.pool)
         .await?
         .iter()
@@ -550,15 +569,24 @@ impl Catalog {
         .collect())
     }
 
-    /// An object is in the target; `sha256` (hex) is what was sent, for verification.
-    pub async fn replication_done(&self, target: &str, key: &str, now_ms: i64, sha256: Option<&str>) -> Result<()> {
+    /// An object is in the target; `sha256` (hex) is what was sent and `checksum` what the
+    /// store keeps for it, for verification.
+    pub async fn replication_done(
+        &self,
+        target: &str,
+        key: &str,
+        now_ms: i64,
+        sha256: Option<&str>,
+        checksum: Option<&str>,
+    ) -> Result<()> {
         sqlx::query(
-            "UPDATE replication SET done_ms = ?, attempts = attempts + 1, last_error = NULL, sha256 = ?,
-                    verified_ms = NULL, verify_error = NULL
+            "UPDATE replication SET done_ms = ?, attempts = attempts + 1, last_error = NULL, sha256 = ?, checksum = ?,
+                    verified_ms = NULL, verify_error = NULL, next_try_ms = NULL
              WHERE target = ? AND key = ?",
         )
         .bind(now_ms)
         .bind(sha256)
+        .bind(checksum)
         .bind(target)
         .bind(key)
         .execute(&self.pool)
@@ -567,10 +595,10 @@ impl Catalog {
     }
 
     /// Objects a target holds (by the catalog) whose last verification is older than
-    /// `due_before_ms` or absent: (key, sha256 sent).
-    pub async fn copies_to_verify(&self, target: &str, due_before_ms: i64) -> Result<Vec<(String, Option<String>)>> {
+    /// `due_before_ms` or absent.
+    pub async fn copies_to_verify(&self, target: &str, due_before_ms: i64) -> Result<Vec<CopyToVerify>> {
         Ok(sqlx::query(
-            "SELECT key, sha256 FROM replication
+            "SELECT key, sha256, checksum FROM replication
              WHERE target = ? AND done_ms IS NOT NULL AND (verified_ms IS NULL OR verified_ms < ?) ORDER BY key",
         )
         .bind(target)
@@ -578,7 +606,7 @@ impl Catalog {
         .fetch_all(&self.pool)
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| CopyToVerify { key: r.get(0), sha256: r.get(1), checksum: r.get(2) })
         .collect())
     }
 
@@ -703,13 +731,29 @@ impl Catalog {
         .collect())
     }
 
-    pub async fn replication_failed(&self, target: &str, key: &str, error: &str) -> Result<()> {
-        sqlx::query("UPDATE replication SET attempts = attempts + 1, last_error = ? WHERE target = ? AND key = ?")
-            .bind(error)
-            .bind(target)
-            .bind(key)
-            .execute(&self.pool)
-            .await?;
+    /// An upload failed. With `retry_after_ms` (the store refused this object) the next
+    /// attempt waits that long doubled per attempt so far, at most five minutes.
+    pub async fn replication_failed(
+        &self,
+        target: &str,
+        key: &str,
+        error: &str,
+        retry_after_ms: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE replication SET attempts = attempts + 1, last_error = ?,
+                    next_try_ms = CASE WHEN ? IS NULL THEN NULL
+                                       ELSE ? + MIN(? * (1 << MIN(attempts, 16)), 300000) END
+             WHERE target = ? AND key = ?",
+        )
+        .bind(error)
+        .bind(retry_after_ms)
+        .bind(crate::scheduler::system_now_ms())
+        .bind(retry_after_ms)
+        .bind(target)
+        .bind(key)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

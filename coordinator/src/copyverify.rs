@@ -43,12 +43,16 @@ pub async fn verify_target(
 ) -> Result<CopyReport, ReplicateError> {
     let client = target.client(name)?;
     let mut report = CopyReport { target: name.to_string(), deep, ..Default::default() };
-    for (key, sha) in catalog.copies_to_verify(name, recheck_before_ms).await? {
+    for c in catalog.copies_to_verify(name, recheck_before_ms).await? {
+        let key = c.key;
         let full_key = format!("{}{}", target.prefix, key);
         let problem = if deep {
-            deep_check(&client, target, &full_key, &key, sha.as_deref(), scratch, &mut report).await
+            deep_check(&client, target, &full_key, &key, c.sha256.as_deref(), scratch, &mut report).await
         } else {
-            fast_check(&client, target, &full_key, sha.as_deref(), &mut report).await
+            // Objects uploaded before the store's checksum was recorded: the SHA-256 is it.
+            let expected =
+                c.checksum.or_else(|| c.sha256.as_deref().and_then(|s| hex::decode(s).ok()).map(|d| b64(&d)));
+            fast_check(&client, target, &full_key, expected.as_deref(), &mut report).await
         };
         report.checked += 1;
         if let Some(p) = &problem {
@@ -72,7 +76,7 @@ async fn fast_check(
     client: &aws_sdk_s3::Client,
     target: &TargetConfig,
     key: &str,
-    sha: Option<&str>,
+    expected: Option<&str>,
     report: &mut CopyReport,
 ) -> Option<String> {
     let head = client.head_object().bucket(&target.bucket).key(key).checksum_mode(ChecksumMode::Enabled).send().await;
@@ -82,14 +86,23 @@ async fn fast_check(
         Err(e) => return Some(format!("HeadObject failed: {}", brief(&e))),
     };
     report.bytes += head.content_length().unwrap_or(0).max(0) as u64;
-    let Some(expected) = sha.and_then(|s| hex::decode(s).ok()) else {
+    let Some(expected) = expected else {
         return Some("no checksum was recorded at upload; run a deep verify".into());
     };
     match head.checksum_sha256() {
-        Some(stored) if stored == b64(&expected) => None,
-        Some(stored) => Some(format!("stored checksum {stored} differs from the uploaded {}", b64(&expected))),
+        Some(stored) if same_checksum(stored, expected) => None,
+        Some(stored) => Some(format!("stored checksum {stored} differs from the uploaded {expected}")),
         None => Some("the store keeps no SHA-256 for this object; run a deep verify".into()),
     }
+}
+
+/// Whether the checksum a store reports is the one recorded at upload. A multipart
+/// object's composite checksum ends in `-<parts>`; some stores leave that suffix out, so
+/// the digests are compared (and the part counts when both give one).
+pub fn same_checksum(stored: &str, expected: &str) -> bool {
+    let (s, sp) = stored.split_once('-').map_or((stored, None), |(d, n)| (d, Some(n)));
+    let (e, ep) = expected.split_once('-').map_or((expected, None), |(d, n)| (d, Some(n)));
+    s == e && (sp.is_none() || ep.is_none() || sp == ep)
 }
 
 async fn deep_check(
@@ -244,4 +257,20 @@ async fn fetch_good_copy(
     let checked = check_pack(&tmp, pack);
     let _ = std::fs::remove_file(&tmp);
     checked.map(|()| bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_checksum;
+
+    #[test]
+    fn composite_checksums_compare_with_or_without_the_part_count() {
+        assert!(same_checksum("abc=", "abc="));
+        assert!(same_checksum("abc=-3", "abc=-3"));
+        // Stores that leave the part count out of HeadObject.
+        assert!(same_checksum("abc=", "abc=-3"));
+        assert!(!same_checksum("abc=-2", "abc=-3"), "another part count is another object");
+        assert!(!same_checksum("abd=-3", "abc=-3"));
+        assert!(!same_checksum("abd=", "abc="));
+    }
 }

@@ -24,6 +24,12 @@ pub struct JobState {
     pub last_run_ms: Option<i64>,
 }
 
+/// The wait after `failures` failures in a row: doubling from `period` (at least a second)
+/// up to five minutes.
+pub fn backoff(period: Duration, failures: u32) -> Duration {
+    period.max(Duration::from_secs(1)).saturating_mul(1 << failures.min(16)).min(MAX_BACKOFF)
+}
+
 #[derive(Default)]
 pub struct Jobs {
     states: Mutex<BTreeMap<&'static str, JobState>>,
@@ -50,7 +56,7 @@ impl Jobs {
                 s.consecutive_failures += 1;
                 s.last_error = Some(e);
                 s.last_error_ms = Some(now_ms);
-                period.max(Duration::from_secs(1)).saturating_mul(1 << s.consecutive_failures.min(16)).min(MAX_BACKOFF)
+                backoff(period, s.consecutive_failures)
             }
         }
     }

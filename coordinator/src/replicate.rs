@@ -44,6 +44,36 @@ pub struct TargetConfig {
     /// Upload at most this many bytes per second to this target (`50MiB`; none by default).
     #[serde(default, deserialize_with = "de_rate")]
     pub bandwidth_limit: Option<u64>,
+    /// Objects uploaded at once (default 4). Memory: at most this many multipart parts are
+    /// held at a time; single PUTs stream from the file.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Objects at least this large go up as multipart uploads (default 64MiB).
+    #[serde(default = "default_multipart_threshold", deserialize_with = "de_size")]
+    pub multipart_threshold: u64,
+    /// Part size of multipart uploads (default 16MiB; S3 allows 5MiB..=5GiB).
+    #[serde(default = "default_part_size", deserialize_with = "de_size")]
+    pub multipart_part_size: u64,
+    /// Attempts per request on throttling, 5xx answers and network errors, with
+    /// exponential backoff and jitter between them (default 5).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    coffer_common::units::parse_size(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+fn default_concurrency() -> usize {
+    4
+}
+fn default_multipart_threshold() -> u64 {
+    64 << 20
+}
+fn default_part_size() -> u64 {
+    16 << 20
+}
+fn default_max_attempts() -> u32 {
+    5
 }
 
 fn de_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -101,6 +131,18 @@ impl TargetConfig {
         if !matches!(self.lock_mode.as_str(), "compliance" | "governance") {
             p.push(format!("targets.{name}.lock-mode: {:?} is not compliance or governance", self.lock_mode));
         }
+        if !(1..=64).contains(&self.concurrency) {
+            p.push(format!("targets.{name}.concurrency: {} is outside 1..=64", self.concurrency));
+        }
+        if !((5 << 20)..=(5 << 30)).contains(&self.multipart_part_size) {
+            p.push(format!("targets.{name}.multipart-part-size: {} is outside 5MiB..=5GiB", self.multipart_part_size));
+        }
+        if self.multipart_threshold < (5 << 20) {
+            p.push(format!("targets.{name}.multipart-threshold: {} is below 5MiB", self.multipart_threshold));
+        }
+        if !(1..=20).contains(&self.max_attempts) {
+            p.push(format!("targets.{name}.max-attempts: {} is outside 1..=20", self.max_attempts));
+        }
         p
     }
 
@@ -131,6 +173,14 @@ impl TargetConfig {
             .endpoint_url(&self.endpoint)
             .force_path_style(self.path_style)
             .credentials_provider(self.credentials(name)?)
+            // Throttling (SlowDown, 503), 5xx answers and dropped connections are retried
+            // with exponential backoff and jitter, each request up to max-attempts times.
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(self.max_attempts))
+            .timeout_config(
+                aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+                    .connect_timeout(std::time::Duration::from_secs(10))
+                    .build(),
+            )
             .http_client(http)
             .build();
         Ok(aws_sdk_s3::Client::from_conf(conf))
@@ -215,7 +265,25 @@ pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
                     .map_err(|e| e.to_string())?;
             }
         }
-        if let Err(e) = drain(state, name, target).await {
+        // A target that failed every upload of its last passes waits (doubling from the
+        // replication interval up to five minutes) before it is tried again.
+        let waiting = state.target_backoff.lock().expect("backoff lock").get(name).is_some_and(|b| b.1 > now_ms);
+        if waiting {
+            continue;
+        }
+        let drained = drain(state, name, target, now_ms).await;
+        {
+            let mut backoff = state.target_backoff.lock().expect("backoff lock");
+            if drained.failed > 0 && drained.uploaded == 0 {
+                let b = backoff.entry(name.clone()).or_default();
+                b.0 += 1;
+                let wait = crate::jobs::backoff(state.config.replication_interval, b.0);
+                b.1 = now_ms + wait.as_millis() as i64;
+            } else {
+                backoff.remove(name);
+            }
+        }
+        if let Some(e) = drained.first_error {
             failures.push(e.to_string());
         }
         if let Err(e) = delete_due(state, name, target, now_ms).await {
@@ -373,39 +441,108 @@ pub async fn check_buckets(state: &Shared) -> Vec<BucketCheck> {
 /// down or refusing us); the next pass tries again.
 const GIVE_UP_AFTER: usize = 3;
 
-async fn drain(state: &Shared, name: &str, target: &TargetConfig) -> Result<(), ReplicateError> {
-    let client = target.client(name)?;
-    // In upload order (everything else, then signatures, then manifests): an item waits
-    // while an earlier-class item of its asset is still not copied after being tried in
-    // this pass, so a manifest never goes before its packs and signature.
-    let pending = state.catalog.pending_replication(name).await?;
-    let mut unfinished: std::collections::HashSet<(Option<String>, i64)> = Default::default();
-    let (mut failed_in_a_row, mut first_error) = (0usize, None);
-    let mut next_start = std::time::Instant::now();
-    for item in pending {
-        if (0..item.order).any(|o| unfinished.contains(&(item.asset.clone(), o))) {
-            unfinished.insert((item.asset.clone(), item.order));
-            continue;
-        }
-        if let Some(limit) = target.bandwidth_limit {
-            tokio::time::sleep_until(next_start.into()).await;
-            let bytes = std::fs::metadata(state.repo.root().join(&item.key)).map(|m| m.len()).unwrap_or(0);
-            next_start = pace(next_start, std::time::Instant::now(), bytes, limit);
-        }
-        match upload(state, name, target, &client, &item).await {
-            Ok(()) => failed_in_a_row = 0,
-            Err(e) => {
-                unfinished.insert((item.asset.clone(), item.order));
-                tracing::warn!(target = name, key = %item.key, "replication: {e}");
-                first_error.get_or_insert(e);
-                failed_in_a_row += 1;
-                if failed_in_a_row >= GIVE_UP_AFTER {
-                    break;
+/// How one pass over a target went.
+#[derive(Debug, Default)]
+struct Drained {
+    uploaded: usize,
+    failed: usize,
+    first_error: Option<ReplicateError>,
+}
+
+/// Uploads what `name` lacks, `concurrency` objects at a time. Classes go in order
+/// (everything else, then signatures, then manifests), and an item waits while an
+/// earlier-class item of its asset is still not copied after being tried in this pass, so
+/// a manifest never goes before its packs and signature.
+async fn drain(state: &Shared, name: &str, target: &TargetConfig, now_ms: i64) -> Drained {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+    let client = match target.client(name) {
+        Ok(c) => c,
+        Err(e) => return Drained { failed: 1, first_error: Some(e), ..Default::default() },
+    };
+    let pending = match state.catalog.pending_replication(name, now_ms).await {
+        Ok(p) => p,
+        Err(e) => return Drained { failed: 1, first_error: Some(e.into()), ..Default::default() },
+    };
+    let unfinished: Mutex<std::collections::HashSet<(Option<String>, i64)>> = Default::default();
+    let (in_a_row, uploaded, failed) = (AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0));
+    let first_error: Mutex<Option<ReplicateError>> = Mutex::new(None);
+    let next_start = tokio::sync::Mutex::new(std::time::Instant::now());
+    for class in 0..=2 {
+        let items = pending.iter().filter(|i| i.order == class);
+        futures::StreamExt::for_each_concurrent(futures::stream::iter(items), target.concurrency, |item| async {
+            if in_a_row.load(Relaxed) >= GIVE_UP_AFTER {
+                return;
+            }
+            {
+                let mut u = unfinished.lock().expect("unfinished lock");
+                if (0..item.order).any(|o| u.contains(&(item.asset.clone(), o))) {
+                    u.insert((item.asset.clone(), item.order));
+                    return;
                 }
             }
+            if let Some(limit) = target.bandwidth_limit {
+                let bytes = std::fs::metadata(state.repo.root().join(&item.key)).map(|m| m.len()).unwrap_or(0);
+                let start = {
+                    let mut next = next_start.lock().await;
+                    let now = std::time::Instant::now();
+                    let start = (*next).max(now);
+                    *next = pace(*next, now, bytes, limit);
+                    start
+                };
+                tokio::time::sleep_until(start.into()).await;
+            }
+            match upload(state, name, target, &client, item).await {
+                Ok(()) => {
+                    in_a_row.store(0, Relaxed);
+                    uploaded.fetch_add(1, Relaxed);
+                }
+                Err(e) => {
+                    unfinished.lock().expect("unfinished lock").insert((item.asset.clone(), item.order));
+                    tracing::warn!(target = name, key = %item.key, "replication: {e}");
+                    first_error.lock().expect("error lock").get_or_insert(e);
+                    in_a_row.fetch_add(1, Relaxed);
+                    failed.fetch_add(1, Relaxed);
+                }
+            }
+        })
+        .await;
+    }
+    Drained {
+        uploaded: uploaded.into_inner(),
+        failed: failed.into_inner(),
+        first_error: first_error.into_inner().expect("error lock"),
+    }
+}
+
+/// What an upload stored: the SHA-256 of the object and the checksum the store keeps for
+/// it (the base64 SHA-256 for a single PUT; for a multipart upload the SHA-256 of the
+/// parts' SHA-256s followed by `-<parts>`, S3's composite checksum).
+struct Sent {
+    sha256: [u8; 32],
+    checksum: String,
+}
+
+/// Why an upload failed, and whether the store answered (an error about this object, which
+/// backs off per object) rather than being unreachable (the whole target backs off).
+struct Failed {
+    detail: String,
+    answered: bool,
+}
+
+impl Failed {
+    fn local(detail: impl Into<String>) -> Failed {
+        Failed { detail: detail.into(), answered: false }
+    }
+    fn s3<E>(what: &str, e: &aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Failed
+    where
+        E: aws_sdk_s3::error::ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        Failed {
+            detail: format!("{what}: {}", brief(e)),
+            answered: matches!(e, aws_sdk_s3::error::SdkError::ServiceError(_)),
         }
     }
-    first_error.map_or(Ok(()), Err)
 }
 
 async fn upload(
@@ -417,58 +554,205 @@ async fn upload(
 ) -> Result<(), ReplicateError> {
     let path = state.repo.root().join(&item.key);
     let key = format!("{}{}", target.prefix, item.key);
-    // SHA-256 of what is sent: the store checks the body against it and keeps it, so
-    // `verify` can compare without downloading (S3 flexible checksums).
-    let digest = {
-        let p = path.clone();
-        tokio::task::spawn_blocking(move || coffer_common::crypto::sha256_file(&p).map(|(d, _)| d))
-            .await
-            .map_err(|e| ReplicateError::Upload { target: name.into(), key: key.clone(), detail: e.to_string() })?
-    };
-    let digest = match digest {
-        Ok(d) => d,
+    let size = match tokio::fs::metadata(&path).await {
+        Ok(m) => m.len(),
         // Gone locally (pruned meanwhile): nothing to copy.
-        Err(_) if !path.exists() => {
-            state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms(), None).await?;
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms(), None, None).await?;
             return Ok(());
         }
         Err(e) => return Err(ReplicateError::Upload { target: name.into(), key, detail: e.to_string() }),
     };
-    let body = match ByteStream::from_path(&path).await {
-        Ok(b) => b,
-        Err(_) if !path.exists() => {
-            state.catalog.replication_done(name, &item.key, crate::scheduler::system_now_ms(), None).await?;
-            return Ok(());
-        }
-        Err(e) => return Err(ReplicateError::Upload { target: name.into(), key, detail: e.to_string() }),
-    };
-    let mut put = client
-        .put_object()
-        .bucket(&target.bucket)
-        .key(&key)
-        .body(body)
-        .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
-        .checksum_sha256(crate::copyverify::b64(&digest));
-    if let Some(asset) = &item.asset {
+    let lock = item.asset.as_deref().and_then(|asset| {
         let days = state.config.policy_for(asset).lock_days;
-        if days > 0 {
+        (days > 0).then(|| {
             let until = crate::scheduler::system_now_ms() / 1000 + i64::from(days) * 86_400;
             let mode =
                 if target.lock_mode == "governance" { ObjectLockMode::Governance } else { ObjectLockMode::Compliance };
-            put = put.object_lock_mode(mode).object_lock_retain_until_date(DateTime::from_secs(until));
-        }
-    }
-    match put.send().await {
-        Ok(_) => Ok(state
+            (mode, DateTime::from_secs(until))
+        })
+    });
+    let sent = if size >= target.multipart_threshold {
+        upload_multipart(client, target, &key, &path, size, lock).await
+    } else {
+        upload_single(client, target, &key, &path, lock).await
+    };
+    match sent {
+        Ok(sent) => Ok(state
             .catalog
-            .replication_done(name, &item.key, crate::scheduler::system_now_ms(), Some(&hex::encode(digest)))
+            .replication_done(
+                name,
+                &item.key,
+                crate::scheduler::system_now_ms(),
+                Some(&hex::encode(sent.sha256)),
+                Some(&sent.checksum),
+            )
             .await?),
-        Err(e) => {
-            let detail = brief(&e);
-            state.catalog.replication_failed(name, &item.key, &detail).await?;
-            Err(ReplicateError::Upload { target: name.into(), key, detail })
+        Err(f) => {
+            // An object the store refuses waits longer each time (up to five minutes), so
+            // one bad object does not cost a request every pass; an unreachable store is
+            // handled per target instead.
+            let retry_after = f.answered.then_some(state.config.replication_interval.as_millis() as i64);
+            state.catalog.replication_failed(name, &item.key, &f.detail, retry_after).await?;
+            Err(ReplicateError::Upload { target: name.into(), key, detail: f.detail })
         }
     }
+}
+
+/// One PUT streamed from the file, with its SHA-256 for the store to check and keep (S3
+/// flexible checksums), so `verify` can compare without downloading.
+async fn upload_single(
+    client: &aws_sdk_s3::Client,
+    target: &TargetConfig,
+    key: &str,
+    path: &Path,
+    lock: Option<(ObjectLockMode, DateTime)>,
+) -> Result<Sent, Failed> {
+    let p = path.to_path_buf();
+    let (digest, _) = tokio::task::spawn_blocking(move || coffer_common::crypto::sha256_file(&p))
+        .await
+        .map_err(|e| Failed::local(e.to_string()))?
+        .map_err(|e| Failed::local(format!("reading {}: {e}", path.display())))?;
+    let body = ByteStream::from_path(path).await.map_err(|e| Failed::local(e.to_string()))?;
+    let mut put = client
+        .put_object()
+        .bucket(&target.bucket)
+        .key(key)
+        .body(body)
+        .checksum_algorithm(aws_sdk_s3::types::ChecksumAlgorithm::Sha256)
+        .checksum_sha256(crate::copyverify::b64(&digest));
+    if let Some((mode, until)) = lock {
+        put = put.object_lock_mode(mode).object_lock_retain_until_date(until);
+    }
+    put.send().await.map_err(|e| Failed::s3("PutObject", &e))?;
+    Ok(Sent { sha256: digest, checksum: crate::copyverify::b64(&digest) })
+}
+
+/// A multipart upload of a large object: parts of `multipart-part-size` read one at a time
+/// (memory: one part per upload), each with its SHA-256 for the store to check. An upload
+/// that fails is aborted so no orphaned parts stay billed.
+async fn upload_multipart(
+    client: &aws_sdk_s3::Client,
+    target: &TargetConfig,
+    key: &str,
+    path: &Path,
+    size: u64,
+    lock: Option<(ObjectLockMode, DateTime)>,
+) -> Result<Sent, Failed> {
+    use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+    let mut create =
+        client.create_multipart_upload().bucket(&target.bucket).key(key).checksum_algorithm(ChecksumAlgorithm::Sha256);
+    if let Some((mode, until)) = &lock {
+        create = create.object_lock_mode(mode.clone()).object_lock_retain_until_date(*until);
+    }
+    let created = create.send().await.map_err(|e| Failed::s3("CreateMultipartUpload", &e))?;
+    let upload_id = created.upload_id().ok_or_else(|| Failed::local("CreateMultipartUpload returned no upload id"))?;
+    let parts = async {
+        let file = std::sync::Arc::new(
+            std::fs::File::open(path).map_err(|e| Failed::local(format!("opening {}: {e}", path.display())))?,
+        );
+        let mut whole = coffer_common::crypto::FileHasher::default();
+        let (mut completed, mut part_digests) = (Vec::new(), Vec::new());
+        let mut offset = 0u64;
+        while offset < size {
+            let len = target.multipart_part_size.min(size - offset) as usize;
+            let f = file.clone();
+            let (buf, digest) = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                let mut buf = vec![0u8; len];
+                f.read_exact_at(&mut buf, offset).map(|()| {
+                    let d = coffer_common::crypto::sha256(&buf);
+                    (buf, d)
+                })
+            })
+            .await
+            .map_err(|e| Failed::local(e.to_string()))?
+            .map_err(|e| Failed::local(format!("reading {}: {e}", path.display())))?;
+            whole.update(&buf);
+            let number = completed.len() as i32 + 1;
+            let b64 = crate::copyverify::b64(&digest);
+            let part = client
+                .upload_part()
+                .bucket(&target.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                .checksum_sha256(&b64)
+                .body(ByteStream::from(buf))
+                .send()
+                .await
+                .map_err(|e| Failed::s3(&format!("UploadPart {number}"), &e))?;
+            completed.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(part.e_tag().map(str::to_string))
+                    .checksum_sha256(b64)
+                    .build(),
+            );
+            part_digests.extend_from_slice(&digest);
+            offset += len as u64;
+        }
+        client
+            .complete_multipart_upload()
+            .bucket(&target.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(completed.clone())).build())
+            .send()
+            .await
+            .map_err(|e| Failed::s3("CompleteMultipartUpload", &e))?;
+        Ok::<_, Failed>((whole.finish(), part_digests, completed.len()))
+    }
+    .await;
+    let (sha256, part_digests, count) = match parts {
+        Ok(p) => p,
+        Err(f) => {
+            if let Err(e) =
+                client.abort_multipart_upload().bucket(&target.bucket).key(key).upload_id(upload_id).send().await
+            {
+                tracing::warn!(%key, "aborting the failed multipart upload: {}", brief(&e));
+            }
+            return Err(f);
+        }
+    };
+    if let Some((mode, until)) = lock {
+        ensure_retention(client, target, key, mode, until).await?;
+    }
+    let composite = coffer_common::crypto::sha256(&part_digests);
+    Ok(Sent { sha256, checksum: format!("{}-{count}", crate::copyverify::b64(&composite)) })
+}
+
+/// Makes sure a multipart object carries the retention asked for at creation: some
+/// S3-compatible stores ignore the lock headers of CreateMultipartUpload, so the object's
+/// retention is read back and set with PutObjectRetention when it is missing or shorter.
+async fn ensure_retention(
+    client: &aws_sdk_s3::Client,
+    target: &TargetConfig,
+    key: &str,
+    mode: ObjectLockMode,
+    until: DateTime,
+) -> Result<(), Failed> {
+    use aws_sdk_s3::types::{ObjectLockRetention, ObjectLockRetentionMode};
+    let head =
+        client.head_object().bucket(&target.bucket).key(key).send().await.map_err(|e| Failed::s3("HeadObject", &e))?;
+    if head.object_lock_retain_until_date().is_some_and(|d| d.secs() >= until.secs()) {
+        return Ok(());
+    }
+    let mode = if mode == ObjectLockMode::Governance {
+        ObjectLockRetentionMode::Governance
+    } else {
+        ObjectLockRetentionMode::Compliance
+    };
+    client
+        .put_object_retention()
+        .bucket(&target.bucket)
+        .key(key)
+        .retention(ObjectLockRetention::builder().mode(mode).retain_until_date(until).build())
+        .send()
+        .await
+        .map_err(|e| Failed::s3("PutObjectRetention", &e))?;
+    Ok(())
 }
 
 /// Copies every object under the target's prefix into `repo_root` (the repository layout),

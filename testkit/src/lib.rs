@@ -428,3 +428,166 @@ pub fn backup_line(out: &str) -> (String, u64, u64) {
     let new = rest.rsplit(", ").next().expect("new bytes").trim_end_matches(" new");
     (id, size_of(size), size_of(new))
 }
+
+/// The S3-compatible test server (moto from PyPI, through `testkit/s3_server.py`, which
+/// fixes two response roots the Rust SDK rejects) on a free loopback port, its log in `dir`.
+pub fn s3_server(dir: &Path) -> (KillOnDrop, u16) {
+    s3_server_with_env(dir, &[])
+}
+
+/// [`s3_server`] with extra environment (moto's `INITIAL_NO_AUTH_ACTION_COUNT=N` makes it
+/// check credentials against its IAM after the first N requests).
+pub fn s3_server_with_env(dir: &Path, env: &[(&str, &str)]) -> (KillOnDrop, u16) {
+    let port = free_port();
+    let proc = Command::new("python3")
+        .envs(env.iter().copied())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("s3_server.py"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("s3-{port}.log"))).expect("s3 server log"))
+        .spawn()
+        .expect("python3 with moto[server] is required (scripts/install-deps.sh installs it from PyPI)");
+    wait_for("the S3 server serving", Duration::from_secs(60), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    (KillOnDrop(proc), port)
+}
+
+/// A TCP relay in front of a real server whose path can fail on purpose: it answers the next
+/// new connections' first request with HTTP `503 Slow Down` (how S3 throttles), or goes
+/// away (connections cut, then refused) and comes back on the same port. The server behind
+/// it is real and keeps its state; only the way to it fails.
+pub struct FaultProxy {
+    pub port: u16,
+    shared: std::sync::Arc<ProxyShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct ProxyShared {
+    upstream: u16,
+    throttle: std::sync::atomic::AtomicUsize,
+    throttled: std::sync::atomic::AtomicUsize,
+    down: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    open: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl FaultProxy {
+    /// A relay on a free port to `127.0.0.1:upstream`.
+    pub fn start(upstream: u16) -> FaultProxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let shared = std::sync::Arc::new(ProxyShared {
+            upstream,
+            throttle: 0.into(),
+            throttled: 0.into(),
+            down: false.into(),
+            stop: false.into(),
+            open: Default::default(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::spawn(move || {
+            let mut listener = Some(listener);
+            while !s.stop.load(SeqCst) {
+                if s.down.load(SeqCst) {
+                    if listener.take().is_some() {
+                        for c in s.open.lock().expect("relay lock").drain(..) {
+                            let _ = c.shutdown(std::net::Shutdown::Both);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                let l = match &listener {
+                    Some(l) => l,
+                    None => match std::net::TcpListener::bind(("127.0.0.1", port)) {
+                        Ok(l) => listener.insert(l),
+                        Err(_) => {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        }
+                    },
+                };
+                l.set_nonblocking(true).expect("nonblocking relay");
+                match l.accept() {
+                    Ok((client, _)) => {
+                        client.set_nonblocking(false).expect("blocking connection");
+                        let s = s.clone();
+                        std::thread::spawn(move || relay(&s, client));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        FaultProxy { port, shared, thread: Some(thread) }
+    }
+
+    /// The next `n` new connections get `503 Slow Down` for their first request.
+    pub fn throttle(&self, n: usize) {
+        self.shared.throttle.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many requests were answered with 503 so far.
+    pub fn throttled(&self) -> usize {
+        self.shared.throttled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Down: open connections are cut and new ones refused; up: serving again, same port.
+    pub fn set_down(&self, down: bool) {
+        self.shared.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn relay(s: &ProxyShared, mut client: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering::SeqCst;
+    if s.throttle.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok() {
+        // Read the request (head, then as much body as it announces) and refuse it.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && client.read(&mut byte).map(|n| n == 1).unwrap_or(false) {
+            head.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let len: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+            .unwrap_or(0);
+        let _ = std::io::copy(&mut (&mut client).take(len), &mut std::io::sink());
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
+                    <Message>Please reduce your request rate.</Message></Error>";
+        let _ = write!(
+            client,
+            "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.throttled.fetch_add(1, SeqCst);
+        return;
+    }
+    let Ok(upstream) = std::net::TcpStream::connect(("127.0.0.1", s.upstream)) else { return };
+    let (Ok(c2), Ok(u2)) = (client.try_clone(), upstream.try_clone()) else { return };
+    {
+        let mut open = s.open.lock().expect("relay lock");
+        open.extend(client.try_clone().ok());
+        open.extend(upstream.try_clone().ok());
+    }
+    let pipe = |mut from: std::net::TcpStream, mut to: std::net::TcpStream| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(std::net::Shutdown::Write);
+        })
+    };
+    let a = pipe(client, upstream);
+    let b = pipe(u2, c2);
+    let _ = (a.join(), b.join());
+}

@@ -40,6 +40,9 @@ pub struct State {
     pub bucket_checks: std::sync::Mutex<Vec<crate::replicate::BucketCheck>>,
     /// Facts status and metrics read from manifests (Postgres bases, Longhorn replicas).
     pub facts_cache: crate::streams::FactsCache,
+    /// Copy targets whose last passes failed every upload: failures in a row and when the
+    /// next pass may try (ms).
+    pub target_backoff: std::sync::Mutex<std::collections::HashMap<String, (u32, i64)>>,
 }
 
 impl State {
@@ -55,6 +58,7 @@ impl State {
             metrics: Default::default(),
             stream_lock: Default::default(),
             facts_cache: Default::default(),
+            target_backoff: Default::default(),
             bucket_checks: Default::default(),
             collecting: Default::default(),
             prune_lock: Default::default(),
