@@ -756,3 +756,65 @@ fn wrong_credentials_and_a_bucket_without_object_lock_are_named_and_local_backup
     });
     assert!(summary.starts_with("1/2: local; s3 pending"), "{summary}");
 }
+
+#[test]
+fn packs_of_an_asset_without_a_local_copy_leave_the_disk_and_restore_from_the_targets() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_moto, port, certs) = s3_lab(dir, "s3.create_bucket(Bucket='primary')\ns3.create_bucket(Bucket='offsite')");
+    // Like the built-in Longhorn row (Longhorn's replicas + S3): no `local` copy.
+    let config = format!(
+        "replication-interval = \"1s\"\n[agents.git-1]\nassets = [\"git/*\"]\n\
+         [policy.assets.\"git/a\"]\ncopies = [\"s3\", \"offsite\"]\n{}{}",
+        target_toml(dir, port, "s3", "primary"),
+        target_toml(dir, port, "offsite", "offsite")
+    );
+    let coord = Coordinator::start(dir, &certs, &config);
+    let repo = kit::git_repo(&dir.join("src"), &[("a.bin", &kit::random_bytes(400_000, 5))]);
+    let agent = || {
+        let mut c = kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a");
+        c.arg("--work-dir").arg(dir.join("w")).arg("--repo").arg(&repo);
+        c
+    };
+    let (snap, _, _) = kit::backup_line(&kit::ok(agent().arg("backup")));
+    kit::wait_for("the local packs dropped", Duration::from_secs(60), || coord.packs().is_empty().then_some(()));
+    assert!(coord.logs().contains("local pack dropped"), "{}", coord.logs());
+    let summary = asset_status(&coord, &certs, "git/a")["status"]["copiesSummary"].as_str().unwrap().to_string();
+    assert!(summary.starts_with("2/2: s3, offsite"), "{summary}");
+    // The manifests stay local; the chunks come from the targets.
+    assert!(walk(&coord.data_dir.join("repo")).iter().any(|k| k.ends_with(&format!("{snap}.manifest"))));
+    let restore = |to: &str| {
+        let to = dir.join(to);
+        kit::ok(agent().args(["restore", "--snapshot", &snap, "--to"]).arg(&to));
+        assert_eq!(kit::refs(&to), kit::refs(&repo));
+    };
+    restore("restored-1.git");
+
+    // The pack vanishes from s3: deep verify finds it, and the replication job copies it
+    // back from offsite (no local file to take it from); restores read from offsite meanwhile.
+    let listed = |bucket: &str| {
+        s3(port, &format!("for o in s3.list_objects_v2(Bucket='{bucket}').get('Contents', []): print(o['Key'])"))
+    };
+    let pack_key = listed("primary").lines().find(|k| k.ends_with(".pack")).unwrap().to_string();
+    s3(port, &format!("s3.delete_object(Bucket='primary', Key='{pack_key}')"));
+    let o = coord.grpcurl(
+        &certs,
+        "admin-ops",
+        &["-d", "{\"target\":\"s3\",\"all\":true,\"deep\":true}"],
+        "coffer.v1.AdminService/Verify",
+    );
+    assert!(kit::stdout(&o).contains("missing"), "{}", kit::stdout(&o));
+    restore("restored-2.git");
+    kit::wait_for("the pack copied back to s3 from offsite", Duration::from_secs(60), || {
+        listed("primary").contains(&pack_key).then_some(())
+    });
+    let o = coord.grpcurl(
+        &certs,
+        "admin-ops",
+        &["-d", "{\"target\":\"s3\",\"all\":true,\"deep\":true}"],
+        "coffer.v1.AdminService/Verify",
+    );
+    let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).unwrap();
+    assert!(v.get("copyProblems").is_none(), "{v}");
+    assert!(coord.packs().is_empty(), "the pack was not brought back to the local disk");
+}

@@ -400,6 +400,14 @@ impl Catalog {
                 sqlx::query(&format!("ALTER TABLE replication ADD COLUMN {col} {ty}")).execute(&pool).await?;
             }
         }
+        // Packs kept only in copy targets (catalogs from before that).
+        let has_remote = sqlx::query("SELECT 1 FROM pragma_table_info('packs') WHERE name = 'remote_ms'")
+            .fetch_optional(&pool)
+            .await?
+            .is_some();
+        if !has_remote {
+            sqlx::query("ALTER TABLE packs ADD COLUMN remote_ms INTEGER").execute(&pool).await?;
+        }
         Ok(Catalog { pool })
     }
 
@@ -699,6 +707,23 @@ impl Catalog {
             .and_then(|r| r.get(0)))
     }
 
+    /// The checksum the store keeps for `key` in `target` (the base64 SHA-256 for objects
+    /// uploaded before it was recorded separately).
+    pub async fn copy_checksum(&self, target: &str, key: &str) -> Result<Option<String>> {
+        let row = sqlx::query(
+            "SELECT checksum, sha256 FROM replication WHERE target = ? AND key = ? AND done_ms IS NOT NULL",
+        )
+        .bind(target)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|r| {
+            let checksum: Option<String> = r.get(0);
+            let sha: Option<String> = r.get(1);
+            checksum.or_else(|| sha.and_then(|s| hex::decode(s).ok()).map(|d| crate::copyverify::b64(&d)))
+        }))
+    }
+
     /// Records a verification. A failed one puts the object back in the queue (the next
     /// replication pass uploads it again from the local copy: repair).
     pub async fn record_verify(&self, target: &str, key: &str, now_ms: i64, error: Option<&str>) -> Result<()> {
@@ -879,6 +904,67 @@ impl Catalog {
             .iter()
             .map(|r| (r.get(0), r.get(1)))
             .collect())
+    }
+
+    /// Packs whose local file was dropped because the asset's policy keeps them only in
+    /// copy targets.
+    pub async fn remote_pack_ids(&self) -> Result<std::collections::HashSet<String>> {
+        Ok(sqlx::query("SELECT id FROM packs WHERE remote_ms IS NOT NULL")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
+    /// Whether a pack is kept only in copy targets.
+    pub async fn is_remote_pack(&self, id: &str) -> Result<bool> {
+        Ok(sqlx::query("SELECT 1 FROM packs WHERE id = ? AND remote_ms IS NOT NULL")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    /// Records that a pack's local file is (about to be) dropped.
+    pub async fn mark_pack_remote(&self, id: &str, now_ms: i64) -> Result<()> {
+        sqlx::query("UPDATE packs SET remote_ms = ? WHERE id = ?").bind(now_ms).bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Targets holding `key` by the catalog: uploaded, and not failing verification.
+    pub async fn copy_holders(&self, key: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query(
+            "SELECT target FROM replication WHERE key = ? AND done_ms IS NOT NULL AND verify_error IS NULL ORDER BY target",
+        )
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+    }
+
+    /// Local packs of `asset` that every one of `targets` holds (uploaded, not failing
+    /// verification): candidates for dropping the local file.
+    pub async fn packs_held_by_all(&self, asset: &str, targets: &[String]) -> Result<Vec<String>> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; targets.len()].join(", ");
+        let sql = format!(
+            "SELECT p.id FROM packs p JOIN assets a ON a.id = p.asset_id
+             WHERE a.name = ? AND p.remote_ms IS NULL
+               AND (SELECT COUNT(*) FROM replication r
+                    WHERE r.key = 'packs/' || substr(p.id, 1, 2) || '/' || p.id || '.pack'
+                      AND r.target IN ({marks}) AND r.done_ms IS NOT NULL AND r.verify_error IS NULL) = ?
+             ORDER BY p.id"
+        );
+        let mut q = sqlx::query(&sql).bind(asset);
+        for t in targets {
+            q = q.bind(t);
+        }
+        Ok(q.bind(targets.len() as i64).fetch_all(&self.pool).await?.iter().map(|r| r.get(0)).collect())
     }
 
     pub async fn pack_ids(&self) -> Result<Vec<String>> {

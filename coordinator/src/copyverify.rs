@@ -96,6 +96,17 @@ async fn fast_check(
     }
 }
 
+/// Whether the store's checksum of `key` is `expected` (HeadObject, nothing downloaded):
+/// `None` when it is, else the problem.
+pub async fn confirm(
+    client: &aws_sdk_s3::Client,
+    target: &TargetConfig,
+    key: &str,
+    expected: Option<&str>,
+) -> Option<String> {
+    fast_check(client, target, key, expected, &mut CopyReport::default()).await
+}
+
 /// Whether the checksum a store reports is the one recorded at upload. A multipart
 /// object's composite checksum ends in `-<parts>`; some stores leave that suffix out, so
 /// the digests are compared (and the part counts when both give one).
@@ -196,8 +207,10 @@ pub async fn repair_local(
     let mut bad: std::collections::BTreeMap<String, String> =
         report.problems.into_iter().map(|p| (p.pack.clone(), p.detail)).collect();
     let on_disk: std::collections::HashSet<String> = repo.list_packs()?.into_iter().collect();
+    // Packs kept only in copy targets are not expected on disk (crate::remote).
+    let remote_only = catalog.remote_pack_ids().await?;
     for id in catalog.pack_ids().await? {
-        if !on_disk.contains(&id) {
+        if !on_disk.contains(&id) && !remote_only.contains(&id) {
             bad.insert(id, "missing from the local repository".into());
         }
     }
@@ -233,7 +246,7 @@ pub async fn repair_local(
     Ok(out)
 }
 
-async fn fetch_good_copy(
+pub(crate) async fn fetch_good_copy(
     name: &str,
     target: &TargetConfig,
     rel: &str,

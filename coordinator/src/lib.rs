@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod policy;
 pub mod prune;
+pub mod remote;
 pub mod replicate;
 pub mod retention;
 pub mod scheduler;

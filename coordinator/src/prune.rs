@@ -274,6 +274,9 @@ async fn collect_inner(
     let settled = now - ctx.config.gc_grace.as_secs() as i64;
     // Dead packs first (they free space at once), then rewrites.
     let mut rewrite = Vec::new();
+    // Packs kept only in copy targets are deleted when dead but never rewritten (that would
+    // download them); their garbage waits until the whole pack is dead.
+    let remote_only = ctx.catalog.remote_pack_ids().await?;
     for (pack_id, size, chunks) in ctx.catalog.asset_packs(asset_id, settled).await? {
         let live_bytes: i64 = chunks.iter().filter(|(id, _)| live.contains(id)).map(|(_, l)| l).sum();
         if live_bytes == 0 {
@@ -285,7 +288,8 @@ async fn collect_inner(
                 ctx.repo.delete_pack(&pack_id)?;
                 tracing::info!(%asset, pack = %pack_id, size, "pack deleted: no live chunk");
             }
-        } else if (size - live_bytes) as f64 > ctx.config.repack_waste * size as f64 {
+        } else if (size - live_bytes) as f64 > ctx.config.repack_waste * size as f64 && !remote_only.contains(&pack_id)
+        {
             gc.repack.push((pack_id.clone(), size, live_bytes));
             let keep: Vec<ChunkId> = chunks.iter().map(|(id, _)| *id).filter(|id| live.contains(id)).collect();
             rewrite.push((pack_id, size, live_bytes, keep));

@@ -290,6 +290,13 @@ pub async fn step(state: &Shared, now_ms: i64) -> Result<(), String> {
             failures.push(e.to_string());
         }
     }
+    // Packs of assets whose policy does not keep `local` leave the disk once every target
+    // it names holds them (crate::remote).
+    match crate::remote::drop_local_packs(state, now_ms).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(packs = n, "local pack files dropped (kept only in copy targets)"),
+        Err(e) => failures.push(format!("dropping local packs: {e}")),
+    }
     // One unreachable target must not slow the others down with the runner's backoff: the
     // job reports a failure (and backs off) only when no target could be served. Each
     // target's errors stay visible per object in the queue and in the asset status.
@@ -311,7 +318,7 @@ async fn delete_due(state: &Shared, name: &str, target: &TargetConfig, now_ms: i
     if due.is_empty() {
         return Ok(());
     }
-    let client = target.client(name)?;
+    let client = state.target_client(name)?;
     let mut first_error = None;
     for key in due {
         let full = format!("{}{}", target.prefix, key);
@@ -456,7 +463,7 @@ struct Drained {
 async fn drain(state: &Shared, name: &str, target: &TargetConfig, now_ms: i64) -> Drained {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-    let client = match target.client(name) {
+    let client = match state.target_client(name) {
         Ok(c) => c,
         Err(e) => return Drained { failed: 1, first_error: Some(e), ..Default::default() },
     };
@@ -552,9 +559,43 @@ async fn upload(
     client: &aws_sdk_s3::Client,
     item: &RepoObject,
 ) -> Result<(), ReplicateError> {
-    let path = state.repo.root().join(&item.key);
+    let mut path = state.repo.root().join(&item.key);
     let key = format!("{}{}", target.prefix, item.key);
-    let size = match tokio::fs::metadata(&path).await {
+    // A pack kept only in copy targets (its local file dropped) that this target lacks or
+    // holds badly is copied from another target whose copy verifies.
+    let mut scratch = None;
+    if let Some(id) = item.key.strip_prefix("packs/").and_then(|k| k.rsplit('/').next()?.strip_suffix(".pack"))
+        && !path.exists()
+        && state.catalog.is_remote_pack(id).await?
+    {
+        match crate::remote::fetch_for_reupload(state, id, name).await {
+            Ok(p) => {
+                path = p.clone();
+                scratch = Some(p);
+            }
+            Err(detail) => {
+                state.catalog.replication_failed(name, &item.key, &detail, None).await?;
+                return Err(ReplicateError::Upload { target: name.into(), key, detail });
+            }
+        }
+    }
+    let result = upload_from(state, name, target, client, item, &path, key).await;
+    if let Some(p) = scratch {
+        let _ = std::fs::remove_file(p);
+    }
+    result
+}
+
+async fn upload_from(
+    state: &Shared,
+    name: &str,
+    target: &TargetConfig,
+    client: &aws_sdk_s3::Client,
+    item: &RepoObject,
+    path: &Path,
+    key: String,
+) -> Result<(), ReplicateError> {
+    let size = match tokio::fs::metadata(path).await {
         Ok(m) => m.len(),
         // Gone locally (pruned meanwhile): nothing to copy.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -573,9 +614,9 @@ async fn upload(
         })
     });
     let sent = if size >= target.multipart_threshold {
-        upload_multipart(client, target, &key, &path, size, lock).await
+        upload_multipart(client, target, &key, path, size, lock).await
     } else {
-        upload_single(client, target, &key, &path, lock).await
+        upload_single(client, target, &key, path, lock).await
     };
     match sent {
         Ok(sent) => Ok(state

@@ -77,7 +77,9 @@ impl AdminApi {
         let states = self.state.catalog.replication_state(&a.name).await?;
         let now = crate::scheduler::system_now_ms();
         let mut c = Copies::default();
-        if a.snapshots > 0 {
+        // `local` counts where the policy asks for it (elsewhere its packs may be dropped
+        // once the targets hold them: crate::remote).
+        if a.snapshots > 0 && policy.copies.iter().any(|c| c == "local") {
             c.present.push("local".to_string());
         }
         let mut notes = Vec::new();

@@ -574,20 +574,35 @@ impl AgentService for AgentApi {
             return Err(ServiceError::NotFound(format!("chunk {missing} is not stored for asset {asset}")).into());
         }
         let (tx, rx) = mpsc::channel(4);
-        let repo = self.state.repo.clone();
+        let state = self.state.clone();
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
-            let mut open: Option<(String, std::fs::File)> = None;
+            // The pack file open for the current run of chunks; `None` inside: the pack is
+            // kept only in copy targets, so its chunks come by ranged GETs (crate::remote).
+            let mut open: Option<(String, Option<std::fs::File>)> = None;
             for id in ids {
                 let (pack_id, entry) = &locations[&id];
                 let result = (|| {
                     if open.as_ref().is_none_or(|(p, _)| p != pack_id) {
-                        let path = repo.pack_path(pack_id);
-                        let f = std::fs::File::open(&path)
-                            .map_err(crate::store::StoreError::io(format!("opening {}", path.display())))?;
+                        let path = state.repo.pack_path(pack_id);
+                        let f = match std::fs::File::open(&path) {
+                            Ok(f) => Some(f),
+                            Err(e)
+                                if e.kind() == std::io::ErrorKind::NotFound
+                                    && runtime.block_on(state.catalog.is_remote_pack(pack_id)).unwrap_or(false) =>
+                            {
+                                None
+                            }
+                            Err(e) => {
+                                return Err(crate::store::StoreError::io(format!("opening {}", path.display()))(e));
+                            }
+                        };
                         open = Some((pack_id.clone(), f));
                     }
-                    let (_, f) = open.as_ref().expect("just opened");
-                    pack::read_chunk(f, pack_id, entry)
+                    match open.as_ref().expect("just opened") {
+                        (_, Some(f)) => pack::read_chunk(f, pack_id, entry),
+                        (_, None) => runtime.block_on(crate::remote::read_chunk(&state, pack_id, entry)),
+                    }
                 })();
                 let msg = result
                     .map(|data| pb::DownloadChunksResponse { id: id.0.to_vec(), data: data.into() })

@@ -43,6 +43,8 @@ pub struct State {
     /// Copy targets whose last passes failed every upload: failures in a row and when the
     /// next pass may try (ms).
     pub target_backoff: std::sync::Mutex<std::collections::HashMap<String, (u32, i64)>>,
+    /// S3 clients of the copy targets, built once (`State::target_client`).
+    pub s3_clients: std::sync::Mutex<std::collections::HashMap<String, aws_sdk_s3::Client>>,
 }
 
 impl State {
@@ -59,6 +61,7 @@ impl State {
             stream_lock: Default::default(),
             facts_cache: Default::default(),
             target_backoff: Default::default(),
+            s3_clients: Default::default(),
             bucket_checks: Default::default(),
             collecting: Default::default(),
             prune_lock: Default::default(),
