@@ -176,6 +176,11 @@ fn an_unreachable_target_keeps_local_backups_working_and_says_why() {
     });
     let o = coord.grpcurl(&certs, "admin-ops", &["-d", "{}"], "coffer.v1.AdminService/ListJobs");
     assert!(kit::stdout(&o).contains("offsite"), "the replication job names the failing target: {}", kit::stdout(&o));
+    let o =
+        coord.grpcurl(&certs, "admin-ops", &["-d", "{\"asset\":\"git/a\"}"], "coffer.v1.AdminService/ListSnapshots");
+    let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).unwrap();
+    let copies = v["snapshots"][0]["copies"].as_str().unwrap_or_default().to_string();
+    assert!(copies.starts_with("1/2: local; offsite pending") && copies.contains("last error"), "{v}");
 }
 
 #[test]
@@ -632,6 +637,15 @@ fn built_in_copy_rows_end_verified_and_locked_in_two_stores_and_the_offsite_alon
     });
     let summary = asset_status(&coord, &certs, "git/pg-like")["status"]["copiesSummary"].as_str().unwrap().to_string();
     assert!(summary.starts_with("3/3: local, s3, offsite"), "{summary}");
+    // Each snapshot says which copies hold it.
+    let o = coord.grpcurl(
+        &certs,
+        "admin-ops",
+        &["-d", "{\"asset\":\"git/pg-like\"}"],
+        "coffer.v1.AdminService/ListSnapshots",
+    );
+    let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).unwrap();
+    assert_eq!(v["snapshots"][0]["copies"], "3/3: local, s3, offsite", "{v}");
     // Deep verify of both stores finds nothing wrong.
     for target in ["s3", "offsite"] {
         let o = coord.grpcurl(

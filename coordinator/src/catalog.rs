@@ -932,6 +932,18 @@ impl Catalog {
         Ok(())
     }
 
+    /// Per target recorded for `key`: when it was uploaded (none: pending), when it was
+    /// enqueued, and the last upload error.
+    pub async fn copy_rows(&self, key: &str) -> Result<BTreeMap<String, (Option<i64>, i64, Option<String>)>> {
+        Ok(sqlx::query("SELECT target, done_ms, enqueued_ms, last_error FROM replication WHERE key = ?")
+            .bind(key)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2), r.get(3))))
+            .collect())
+    }
+
     /// Targets holding `key` by the catalog: uploaded, and not failing verification.
     pub async fn copy_holders(&self, key: &str) -> Result<Vec<String>> {
         Ok(sqlx::query(

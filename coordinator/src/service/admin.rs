@@ -7,7 +7,7 @@ use pb::admin_service_server::AdminService;
 use tonic::{Request, Response, Status};
 
 use super::{Result, ServiceError, Shared, blocking, snapshot_info};
-use crate::catalog::{AssetRow, AttemptRow};
+use crate::catalog::{AssetRow, AttemptRow, SnapshotRow};
 
 #[derive(Debug, Default)]
 struct Copies {
@@ -232,7 +232,58 @@ impl AdminApi {
         let r = req.get_ref();
         let asset = (!r.asset.is_empty()).then_some(r.asset.as_str());
         let rows = self.state.catalog.snapshots(asset, &r.stream, r.limit).await?;
-        Ok(pb::ListSnapshotsResponse { snapshots: rows.iter().map(snapshot_info).collect() })
+        let mut snapshots = Vec::with_capacity(rows.len());
+        let target_errors = self.state.catalog.target_errors().await?;
+        for row in &rows {
+            let mut info = snapshot_info(row);
+            info.copies = self.snapshot_copies(row, &target_errors).await?;
+            snapshots.push(info);
+        }
+        Ok(pb::ListSnapshotsResponse { snapshots })
+    }
+
+    /// Which copies hold one snapshot: `local` where the policy keeps it, each target whose
+    /// copy of the manifest is uploaded (the manifest goes only after its packs), and for
+    /// the others how long they have been pending, with the target's last upload error.
+    async fn snapshot_copies(&self, s: &SnapshotRow, target_errors: &BTreeMap<String, String>) -> Result<String> {
+        let policy = self.state.config.policy_for(&s.asset);
+        let rows = self.state.catalog.copy_rows(&format!("manifests/{}/{}.manifest", s.asset, s.id)).await?;
+        let now = crate::scheduler::system_now_ms();
+        let (mut present, mut notes) = (Vec::new(), Vec::new());
+        for name in &policy.copies {
+            if name == "local" {
+                present.push(name.clone());
+            } else if crate::remote::EXTERNAL_COPIES.contains(&name.as_str()) {
+                notes.push(format!("{name} kept outside Coffer"));
+            } else if !self.state.config.targets.contains_key(name) {
+                notes.push(format!("{name} not configured"));
+            } else {
+                match rows.get(name) {
+                    Some((Some(_), _, _)) => present.push(name.clone()),
+                    Some((None, enqueued, err)) => {
+                        let age = std::time::Duration::from_secs(((now - enqueued) / 1000).max(0) as u64);
+                        let err = err
+                            .as_deref()
+                            .or(target_errors.get(name).map(String::as_str))
+                            .map(|e| format!(" (last error: {e})"))
+                            .unwrap_or_default();
+                        notes.push(format!("{name} pending {}{err}", coffer_common::units::format_duration(age)));
+                    }
+                    None => notes.push(format!("{name} pending")),
+                }
+            }
+        }
+        let mut out = format!(
+            "{}/{}: {}",
+            present.len(),
+            policy.copies.len(),
+            if present.is_empty() { "none".to_string() } else { present.join(", ") }
+        );
+        if !notes.is_empty() {
+            out.push_str("; ");
+            out.push_str(&notes.join("; "));
+        }
+        Ok(out)
     }
 
     async fn verify_inner(&self, req: Request<pb::VerifyRequest>) -> Result<pb::VerifyResponse> {

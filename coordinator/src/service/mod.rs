@@ -196,6 +196,7 @@ pub fn snapshot_info(s: &SnapshotRow) -> pb::SnapshotInfo {
         chunks: s.chunks as u64,
         files: s.files as u64,
         stream: s.stream.clone(),
+        copies: String::new(),
     }
 }
 
