@@ -832,3 +832,37 @@ fn packs_of_an_asset_without_a_local_copy_leave_the_disk_and_restore_from_the_ta
     assert!(v.get("copyProblems").is_none(), "{v}");
     assert!(coord.packs().is_empty(), "the pack was not brought back to the local disk");
 }
+
+#[test]
+fn with_auto_repair_the_verify_job_replaces_a_rotten_local_pack_from_the_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_moto, port, certs) = s3_lab(dir, "s3.create_bucket(Bucket='primary')");
+    let config = format!(
+        "replication-interval = \"1s\"\nverify-interval = \"1s\"\nauto-repair = true\n\
+         [agents.git-1]\nassets = [\"git/*\"]\n[policy.assets.\"git/a\"]\ncopies = [\"local\", \"s3\"]\n{}",
+        target_toml(dir, port, "s3", "primary")
+    );
+    let coord = Coordinator::start(dir, &certs, &config);
+    let repo = kit::git_repo(&dir.join("src"), &[("a.bin", &kit::random_bytes(300_000, 9))]);
+    kit::ok(
+        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
+            .arg("--work-dir")
+            .arg(dir.join("w"))
+            .arg("--repo")
+            .arg(&repo)
+            .arg("backup"),
+    );
+    kit::wait_for("git/a copied", Duration::from_secs(60), || {
+        copies_present(&coord, &certs, "git/a").contains(&"s3".to_string()).then_some(())
+    });
+    let pack = coord.packs().into_iter().max_by_key(|p| std::fs::metadata(p).unwrap().len()).unwrap();
+    let good = std::fs::read(&pack).unwrap();
+    let mut rotten = good.clone();
+    rotten[good.len() / 2] ^= 0x10;
+    std::fs::write(&pack, &rotten).unwrap();
+    kit::wait_for("the rotten pack replaced from s3", Duration::from_secs(60), || {
+        (std::fs::read(&pack).ok()? == good).then_some(())
+    });
+    assert!(coord.logs().contains("local pack repaired"), "{}", coord.logs());
+}

@@ -83,6 +83,11 @@ pub struct Config {
     /// A routine copy verification re-checks an object verified longer ago than this.
     #[serde(default = "default_verify_recheck", with = "serde_duration")]
     pub verify_recheck: Duration,
+    /// The verify job also checks every local pack (keyless, all chunk CRCs) and replaces a
+    /// corrupt or missing one with a copy from a target that verifies (`coordinator repair`
+    /// done automatically). Off by default: it reads the whole local repository each run.
+    #[serde(default)]
+    pub auto_repair: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -266,6 +266,21 @@ pub async fn serve(
                         Err(e) => failed.push(e.to_string()),
                     }
                 }
+                if state.config.auto_repair {
+                    // Under the prune lock: a pack prune is deleting must not come back.
+                    let _one = state.prune_lock.lock().await;
+                    match crate::copyverify::repair_local(&state.repo, &state.catalog, &state.config.targets).await {
+                        Ok(done) => {
+                            for r in &done {
+                                match &r.from {
+                                    Some(t) => tracing::warn!(pack = %r.pack, from = %t, "local pack repaired: {}", r.detail),
+                                    None => failed.push(format!("pack {} not repaired: {}", r.pack, r.detail)),
+                                }
+                            }
+                        }
+                        Err(e) => failed.push(format!("repairing local packs: {e}")),
+                    }
+                }
                 if failed.is_empty() { Ok(()) } else { Err(failed.join("; ")) }
             }
         })
