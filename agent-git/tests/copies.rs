@@ -9,18 +9,33 @@ use std::time::Duration;
 
 use coffer_testkit::{self as kit, Coordinator, KillOnDrop};
 
-fn moto(dir: &Path) -> (KillOnDrop, u16) {
-    kit::s3_server(dir)
-}
-
 /// moto with the buckets `setup` (boto3 code) creates, access-key files `ak`/`sk` in `dir`,
 /// and certificates for agent git-1 and admin ops: what every copy test starts from.
 fn s3_lab(dir: &Path, setup: &str) -> (KillOnDrop, u16, std::path::PathBuf) {
-    let (proc, port) = moto(dir);
+    let (proc, port) = kit::s3_server(dir);
     s3(port, setup);
     std::fs::write(dir.join("ak"), "test").unwrap();
     std::fs::write(dir.join("sk"), "test").unwrap();
     (proc, port, kit::certs(&dir.join("certs"), &["git-1"], &["ops"]))
+}
+
+/// The keys in a bucket of the test server, one per line.
+fn keys(port: u16, bucket: &str) -> String {
+    s3(port, &format!("for o in s3.list_objects_v2(Bucket='{bucket}').get('Contents', []): print(o['Key'])"))
+}
+
+/// AdminService/Verify with `body`, its answer as JSON.
+fn admin_verify(coord: &Coordinator, certs: &Path, body: &str) -> serde_json::Value {
+    let o = coord.grpcurl(certs, "admin-ops", &["-d", body], "coffer.v1.AdminService/Verify");
+    assert!(o.status.success(), "Verify: {}", kit::stderr(&o));
+    serde_json::from_str(&kit::stdout(&o)).unwrap()
+}
+
+/// agent-git for `asset`, working in `work` on the source repository `repo`.
+fn git_agent(coord: &Coordinator, certs: &Path, dir: &Path, asset: &str, work: &Path, repo: &Path) -> Command {
+    let mut c = kit::agent("agent-git", coord, certs, "git-1", dir, asset);
+    c.arg("--work-dir").arg(work).arg("--repo").arg(repo);
+    c
 }
 
 /// A `[targets.NAME]` block for a bucket on the lab's moto, credentials from the key files.
@@ -59,9 +74,7 @@ fn packs_and_manifests_reach_the_target_the_policy_names() {
     let coord = Coordinator::start(dir, &certs, &config);
     let repo = kit::git_repo(&dir.join("src"), &[("a.txt", b"hello")]);
     let agent = |asset: &str| {
-        let mut c = kit::agent("agent-git", &coord, &certs, "git-1", dir, asset);
-        c.arg("--work-dir").arg(dir.join(format!("work-{}", asset.replace('/', "-")))).arg("--repo").arg(&repo);
-        c
+        git_agent(&coord, &certs, dir, asset, &dir.join(format!("work-{}", asset.replace('/', "-"))), &repo)
     };
     kit::ok(agent("git/a").arg("backup"));
     kit::commit(&repo, &[("b.txt", &kit::random_bytes(200_000, 3))], "more");
@@ -70,7 +83,7 @@ fn packs_and_manifests_reach_the_target_the_policy_names() {
     kit::ok(agent("git/b").arg("backup"));
 
     kit::wait_for("git/a copied to s3", Duration::from_secs(60), || {
-        let listed = s3(port, "for o in s3.list_objects_v2(Bucket='primary').get('Contents', []): print(o['Key'])");
+        let listed = keys(port, "primary");
         let local: Vec<String> = walk(&coord.data_dir.join("repo"))
             .into_iter()
             .filter(|k| !k.starts_with("tmp/") && !k.contains("git/b") && !is_pack_of(&coord, k, "git/b"))
@@ -95,7 +108,7 @@ fn packs_and_manifests_reach_the_target_the_policy_names() {
     let b = status("git/b");
     assert!(b.contains("\"local\"") && !b.contains("\"s3\""), "{b}");
     // Byte for byte, and nothing of git/b.
-    let listed = s3(port, "for o in s3.list_objects_v2(Bucket='primary').get('Contents', []): print(o['Key'])");
+    let listed = keys(port, "primary");
     assert!(!listed.contains("git/b"), "{listed}");
     for key in listed.lines().filter(|k| k.ends_with(".manifest") || k.ends_with(".pack")) {
         let local = std::fs::read(coord.data_dir.join("repo").join(key.trim_start_matches("coffer/"))).unwrap();
@@ -158,14 +171,7 @@ fn an_unreachable_target_keeps_local_backups_working_and_says_why() {
         &[("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "y")],
     );
     let repo = kit::git_repo(&dir.join("src"), &[("a.txt", b"hello")]);
-    let out = kit::ok(
-        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
-            .arg("--work-dir")
-            .arg(dir.join("w"))
-            .arg("--repo")
-            .arg(&repo)
-            .arg("backup"),
-    );
+    let out = kit::ok(git_agent(&coord, &certs, dir, "git/a", &dir.join("w"), &repo).arg("backup"));
     assert!(out.starts_with("snapshot "), "the local backup succeeds: {out}");
     kit::wait_for("the offsite failure in the status", Duration::from_secs(30), || {
         let o =
@@ -197,17 +203,13 @@ fn a_new_coordinator_rebuilt_from_the_copy_alone_restores_and_names_a_tampered_m
     );
     let coord = Coordinator::start(&first, &certs, &config);
     let repo = kit::git_repo(&dir.join("src"), &[("a.txt", b"hello")]);
-    let agent = |c: &Coordinator| {
-        let mut cmd = kit::agent("agent-git", c, &certs, "git-1", dir, "git/a");
-        cmd.arg("--work-dir").arg(dir.join("work")).arg("--repo").arg(&repo);
-        cmd
-    };
+    let agent = |c: &Coordinator| git_agent(c, &certs, dir, "git/a", &dir.join("work"), &repo);
     let (good, _, _) = kit::backup_line(&kit::ok(agent(&coord).arg("backup")));
     let refs_at_good = kit::refs(&repo);
     kit::commit(&repo, &[("b.txt", b"second")], "second");
     let (bad, _, _) = kit::backup_line(&kit::ok(agent(&coord).arg("backup")));
     kit::wait_for("both manifests copied", Duration::from_secs(60), || {
-        let listed = s3(port, "for o in s3.list_objects_v2(Bucket='offsite').get('Contents', []): print(o['Key'])");
+        let listed = keys(port, "offsite");
         (listed.contains(&format!("{good}.manifest\n")) && listed.contains(&format!("{bad}.manifest\n"))).then_some(())
     });
     // Someone with write access to the bucket alters the second manifest.
@@ -255,21 +257,11 @@ fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
     );
     let mut coord = Coordinator::start(dir, &certs, &config);
     let repo = kit::git_repo(&dir.join("src"), &[("a.txt", &kit::random_bytes(300_000, 1))]);
-    let (snap, _, _) = kit::backup_line(&kit::ok(
-        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
-            .arg("--work-dir")
-            .arg(dir.join("w"))
-            .arg("--repo")
-            .arg(&repo)
-            .arg("backup"),
-    ));
+    let (snap, _, _) =
+        kit::backup_line(&kit::ok(git_agent(&coord, &certs, dir, "git/a", &dir.join("w"), &repo).arg("backup")));
     let manifest_key = format!("manifests/git/a/{snap}.manifest");
-    let verify = |body: &str| -> serde_json::Value {
-        let o = coord.grpcurl(&certs, "admin-ops", &["-d", body], "coffer.v1.AdminService/Verify");
-        assert!(o.status.success(), "Verify: {}", kit::stderr(&o));
-        serde_json::from_str(&kit::stdout(&o)).unwrap()
-    };
-    let listed = || s3(port, "for o in s3.list_objects_v2(Bucket='primary').get('Contents', []): print(o['Key'])");
+    let verify = |body: &str| admin_verify(&coord, &certs, body);
+    let listed = || keys(port, "primary");
     kit::wait_for("the manifest copied", Duration::from_secs(60), || listed().contains(&manifest_key).then_some(()));
     let pack_key = listed().lines().find(|k| k.ends_with(".pack")).expect("a pack in the bucket").to_string();
 
@@ -340,11 +332,7 @@ fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
     coord.launch();
     let to = dir.join("restored.git");
     kit::ok(
-        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
-            .arg("--work-dir")
-            .arg(dir.join("w"))
-            .arg("--repo")
-            .arg(&repo)
+        git_agent(&coord, &certs, dir, "git/a", &dir.join("w"), &repo)
             .args(["restore", "--snapshot", &snap, "--to"])
             .arg(&to),
     );
@@ -371,11 +359,7 @@ fn prune_deletes_copies_but_never_before_their_object_lock_ends() {
     let repo = kit::git_repo(&dir.join("src"), &[("a.txt", b"one")]);
     let backup = |asset: &str| {
         let out = kit::ok(
-            kit::agent("agent-git", &coord, &certs, "git-1", dir, asset)
-                .arg("--work-dir")
-                .arg(dir.join(format!("w-{}", asset.replace('/', "-"))))
-                .arg("--repo")
-                .arg(&repo)
+            git_agent(&coord, &certs, dir, asset, &dir.join(format!("w-{}", asset.replace('/', "-"))), &repo)
                 .arg("backup"),
         );
         kit::backup_line(&out).0
@@ -384,9 +368,7 @@ fn prune_deletes_copies_but_never_before_their_object_lock_ends() {
     kit::commit(&repo, &[("b.txt", b"two")], "two");
     backup("git/cache");
     backup("git/ledger");
-    let listed = |bucket: &str| {
-        s3(port, &format!("for o in s3.list_objects_v2(Bucket='{bucket}').get('Contents', []): print(o['Key'])"))
-    };
+    let listed = |bucket: &str| keys(port, bucket);
     let old_cache_key = format!("manifests/git/cache/{old_cache}.manifest");
     let old_ledger_key = format!("manifests/git/ledger/{old_ledger}.manifest");
     kit::wait_for("both old manifests copied", Duration::from_secs(60), || {
@@ -464,14 +446,7 @@ fn large_packs_go_up_in_parts_and_a_throttling_store_is_retried_with_backoff() {
     );
     let coord = Coordinator::start(dir, &certs, &config);
     let repo = kit::git_repo(&dir.join("src"), &[("big.bin", &kit::random_bytes(12 << 20, 7))]);
-    kit::ok(
-        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
-            .arg("--work-dir")
-            .arg(dir.join("w"))
-            .arg("--repo")
-            .arg(&repo)
-            .arg("backup"),
-    );
+    kit::ok(git_agent(&coord, &certs, dir, "git/a", &dir.join("w"), &repo).arg("backup"));
     kit::wait_for("git/a copied to s3", Duration::from_secs(90), || {
         copies_present(&coord, &certs, "git/a").contains(&"s3".to_string()).then_some(())
     });
@@ -506,9 +481,7 @@ fn large_packs_go_up_in_parts_and_a_throttling_store_is_retried_with_backoff() {
     assert_eq!(facts.trim(), "3 True True COMPLIANCE 1", "parts, checksum, bytes, lock mode, days left");
     // Fast verify compares the composite checksum; deep verify downloads and checks chunks.
     for body in ["{\"target\":\"s3\",\"all\":true}", "{\"target\":\"s3\",\"all\":true,\"deep\":true}"] {
-        let o = coord.grpcurl(&certs, "admin-ops", &["-d", body], "coffer.v1.AdminService/Verify");
-        assert!(o.status.success(), "{}", kit::stderr(&o));
-        let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).unwrap();
+        let v = admin_verify(&coord, &certs, body);
         assert!(v.get("copyProblems").is_none() && v["objects"].as_str().is_some(), "{body}: {v}");
     }
 }
@@ -536,16 +509,7 @@ fn a_store_that_goes_away_mid_replication_is_caught_up_with_nothing_lost_or_dupl
     let coord = Coordinator::start(dir, &certs, &config);
     relay.set_down(true);
     let repo = kit::git_repo(&dir.join("src"), &[("a.bin", &kit::random_bytes(1_500_000, 1))]);
-    let backup = || {
-        kit::ok(
-            kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
-                .arg("--work-dir")
-                .arg(dir.join("w"))
-                .arg("--repo")
-                .arg(&repo)
-                .arg("backup"),
-        )
-    };
+    let backup = || kit::ok(git_agent(&coord, &certs, dir, "git/a", &dir.join("w"), &repo).arg("backup"));
     backup();
     for i in 2..=4u64 {
         kit::commit(&repo, &[(&format!("{i}.bin"), &kit::random_bytes(1_500_000, i))], "more");
@@ -553,12 +517,7 @@ fn a_store_that_goes_away_mid_replication_is_caught_up_with_nothing_lost_or_dupl
     }
     let local: Vec<String> =
         walk(&coord.data_dir.join("repo")).into_iter().filter(|k| !k.starts_with("tmp/")).collect();
-    let listed = || {
-        s3(port, "for o in s3.list_objects_v2(Bucket='primary').get('Contents', []): print(o['Key'])")
-            .lines()
-            .map(str::to_string)
-            .collect::<Vec<_>>()
-    };
+    let listed = || keys(port, "primary").lines().map(str::to_string).collect::<Vec<_>>();
     // Up: uploads start; as soon as some objects are in, the store goes away again.
     relay.set_down(false);
     let partial = kit::wait_for("the first objects copied", Duration::from_secs(60), || {
@@ -602,7 +561,7 @@ fn built_in_copy_rows_end_verified_and_locked_in_two_stores_and_the_offsite_alon
     let dir = tmp.path();
     // Two independent S3 servers: the primary region's and the offsite one.
     let (_primary, p_port, certs) = s3_lab(dir, "s3.create_bucket(Bucket='primary', ObjectLockEnabledForBucket=True)");
-    let (_offsite, o_port) = moto(dir);
+    let (_offsite, o_port) = kit::s3_server(dir);
     s3(o_port, "s3.create_bucket(Bucket='offsite', ObjectLockEnabledForBucket=True)");
     let targets =
         format!("{}{}", target_toml(dir, p_port, "s3", "primary"), target_toml(dir, o_port, "offsite", "offsite"));
@@ -620,14 +579,7 @@ fn built_in_copy_rows_end_verified_and_locked_in_two_stores_and_the_offsite_alon
             &dir.join(format!("src-{i}")),
             &[("data.bin", &kit::random_bytes(400_000, 10 + i as u64)), ("README", asset.as_bytes())],
         );
-        let out = kit::ok(
-            kit::agent("agent-git", &coord, &certs, "git-1", dir, asset)
-                .arg("--work-dir")
-                .arg(dir.join(format!("w-{i}")))
-                .arg("--repo")
-                .arg(&repo)
-                .arg("backup"),
-        );
+        let out = kit::ok(git_agent(&coord, &certs, dir, asset, &dir.join(format!("w-{i}")), &repo).arg("backup"));
         repos.push((asset, repo, kit::backup_line(&out).0));
     }
     kit::wait_for("every copy present", Duration::from_secs(90), || {
@@ -648,13 +600,7 @@ fn built_in_copy_rows_end_verified_and_locked_in_two_stores_and_the_offsite_alon
     assert_eq!(v["snapshots"][0]["copies"], "3/3: local, s3, offsite", "{v}");
     // Deep verify of both stores finds nothing wrong.
     for target in ["s3", "offsite"] {
-        let o = coord.grpcurl(
-            &certs,
-            "admin-ops",
-            &["-d", &format!("{{\"target\":\"{target}\",\"all\":true,\"deep\":true}}")],
-            "coffer.v1.AdminService/Verify",
-        );
-        let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).unwrap();
+        let v = admin_verify(&coord, &certs, &format!("{{\"target\":\"{target}\",\"all\":true,\"deep\":true}}"));
         assert!(v.get("copyProblems").is_none() && v["objects"].as_str().is_some(), "{target}: {v}");
     }
     // Locked for 30 days in both stores; the etcd-like asset is not in the primary store.
@@ -672,7 +618,7 @@ fn built_in_copy_rows_end_verified_and_locked_in_two_stores_and_the_offsite_alon
     assert_eq!(lock_of(o_port, "offsite", "git/etcd-like").trim(), "COMPLIANCE 29");
     assert_eq!(lock_of(o_port, "offsite", "git/pg-like").trim(), "COMPLIANCE 29");
     assert_eq!(lock_of(p_port, "primary", "git/pg-like").trim(), "COMPLIANCE 29");
-    let primary = s3(p_port, "for o in s3.list_objects_v2(Bucket='primary').get('Contents', []): print(o['Key'])");
+    let primary = keys(p_port, "primary");
     assert!(!primary.contains("etcd-like"), "{primary}");
     drop(coord);
 
@@ -693,11 +639,7 @@ fn built_in_copy_rows_end_verified_and_locked_in_two_stores_and_the_offsite_alon
     for (i, (asset, repo, snap)) in repos.iter().enumerate() {
         let to = dir.join(format!("restored-{i}.git"));
         kit::ok(
-            kit::agent("agent-git", &fresh, &certs, "git-1", dir, asset)
-                .arg("--work-dir")
-                .arg(dir.join(format!("w-{i}")))
-                .arg("--repo")
-                .arg(repo)
+            git_agent(&fresh, &certs, dir, asset, &dir.join(format!("w-{i}")), repo)
                 .args(["restore", "--snapshot", snap, "--to"])
                 .arg(&to),
         );
@@ -754,14 +696,7 @@ fn wrong_credentials_and_a_bucket_without_object_lock_are_named_and_local_backup
 
     // Backups go on locally; the target with the wrong key says so, by name.
     let repo = kit::git_repo(&dir.join("src"), &[("a.txt", b"hello")]);
-    let out = kit::ok(
-        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
-            .arg("--work-dir")
-            .arg(dir.join("w"))
-            .arg("--repo")
-            .arg(&repo)
-            .arg("backup"),
-    );
+    let out = kit::ok(git_agent(&coord, &certs, dir, "git/a", &dir.join("w"), &repo).arg("backup"));
     assert!(out.starts_with("snapshot "), "{out}");
     let summary = kit::wait_for("the credential failure in the status", Duration::from_secs(30), || {
         let v = asset_status(&coord, &certs, "git/a");
@@ -785,11 +720,7 @@ fn packs_of_an_asset_without_a_local_copy_leave_the_disk_and_restore_from_the_ta
     );
     let coord = Coordinator::start(dir, &certs, &config);
     let repo = kit::git_repo(&dir.join("src"), &[("a.bin", &kit::random_bytes(400_000, 5))]);
-    let agent = || {
-        let mut c = kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a");
-        c.arg("--work-dir").arg(dir.join("w")).arg("--repo").arg(&repo);
-        c
-    };
+    let agent = || git_agent(&coord, &certs, dir, "git/a", &dir.join("w"), &repo);
     let (snap, _, _) = kit::backup_line(&kit::ok(agent().arg("backup")));
     kit::wait_for("the local packs dropped", Duration::from_secs(60), || coord.packs().is_empty().then_some(()));
     assert!(coord.logs().contains("local pack dropped"), "{}", coord.logs());
@@ -806,29 +737,16 @@ fn packs_of_an_asset_without_a_local_copy_leave_the_disk_and_restore_from_the_ta
 
     // The pack vanishes from s3: deep verify finds it, and the replication job copies it
     // back from offsite (no local file to take it from); restores read from offsite meanwhile.
-    let listed = |bucket: &str| {
-        s3(port, &format!("for o in s3.list_objects_v2(Bucket='{bucket}').get('Contents', []): print(o['Key'])"))
-    };
+    let listed = |bucket: &str| keys(port, bucket);
     let pack_key = listed("primary").lines().find(|k| k.ends_with(".pack")).unwrap().to_string();
     s3(port, &format!("s3.delete_object(Bucket='primary', Key='{pack_key}')"));
-    let o = coord.grpcurl(
-        &certs,
-        "admin-ops",
-        &["-d", "{\"target\":\"s3\",\"all\":true,\"deep\":true}"],
-        "coffer.v1.AdminService/Verify",
-    );
-    assert!(kit::stdout(&o).contains("missing"), "{}", kit::stdout(&o));
+    let v = admin_verify(&coord, &certs, "{\"target\":\"s3\",\"all\":true,\"deep\":true}");
+    assert!(v.to_string().contains("missing"), "{v}");
     restore("restored-2.git");
     kit::wait_for("the pack copied back to s3 from offsite", Duration::from_secs(60), || {
         listed("primary").contains(&pack_key).then_some(())
     });
-    let o = coord.grpcurl(
-        &certs,
-        "admin-ops",
-        &["-d", "{\"target\":\"s3\",\"all\":true,\"deep\":true}"],
-        "coffer.v1.AdminService/Verify",
-    );
-    let v: serde_json::Value = serde_json::from_str(&kit::stdout(&o)).unwrap();
+    let v = admin_verify(&coord, &certs, "{\"target\":\"s3\",\"all\":true,\"deep\":true}");
     assert!(v.get("copyProblems").is_none(), "{v}");
     assert!(coord.packs().is_empty(), "the pack was not brought back to the local disk");
 }
@@ -845,14 +763,7 @@ fn with_auto_repair_the_verify_job_replaces_a_rotten_local_pack_from_the_copy() 
     );
     let coord = Coordinator::start(dir, &certs, &config);
     let repo = kit::git_repo(&dir.join("src"), &[("a.bin", &kit::random_bytes(300_000, 9))]);
-    kit::ok(
-        kit::agent("agent-git", &coord, &certs, "git-1", dir, "git/a")
-            .arg("--work-dir")
-            .arg(dir.join("w"))
-            .arg("--repo")
-            .arg(&repo)
-            .arg("backup"),
-    );
+    kit::ok(git_agent(&coord, &certs, dir, "git/a", &dir.join("w"), &repo).arg("backup"));
     kit::wait_for("git/a copied", Duration::from_secs(60), || {
         copies_present(&coord, &certs, "git/a").contains(&"s3".to_string()).then_some(())
     });

@@ -717,11 +717,7 @@ impl Catalog {
         .bind(key)
         .fetch_optional(&self.pool)
         .await?;
-        Ok(row.and_then(|r| {
-            let checksum: Option<String> = r.get(0);
-            let sha: Option<String> = r.get(1);
-            checksum.or_else(|| sha.and_then(|s| hex::decode(s).ok()).map(|d| crate::copyverify::b64(&d)))
-        }))
+        Ok(row.and_then(|r| crate::copyverify::expected_checksum(r.get(0), r.get::<Option<String>, _>(1).as_deref())))
     }
 
     /// Records a verification. A failed one puts the object back in the queue (the next

@@ -49,9 +49,7 @@ pub async fn verify_target(
         let problem = if deep {
             deep_check(&client, target, &full_key, &key, c.sha256.as_deref(), scratch, &mut report).await
         } else {
-            // Objects uploaded before the store's checksum was recorded: the SHA-256 is it.
-            let expected =
-                c.checksum.or_else(|| c.sha256.as_deref().and_then(|s| hex::decode(s).ok()).map(|d| b64(&d)));
+            let expected = expected_checksum(c.checksum, c.sha256.as_deref());
             fast_check(&client, target, &full_key, expected.as_deref(), &mut report).await
         };
         report.checked += 1;
@@ -94,6 +92,12 @@ async fn fast_check(
         Some(stored) => Some(format!("stored checksum {stored} differs from the uploaded {expected}")),
         None => Some("the store keeps no SHA-256 for this object; run a deep verify".into()),
     }
+}
+
+/// The checksum a store should report for an object: the one recorded at upload, or for
+/// objects uploaded before that was recorded, the base64 of their SHA-256 (a single PUT).
+pub fn expected_checksum(checksum: Option<String>, sha256_hex: Option<&str>) -> Option<String> {
+    checksum.or_else(|| sha256_hex.and_then(|s| hex::decode(s).ok()).map(|d| b64(&d)))
 }
 
 /// Whether the store's checksum of `key` is `expected` (HeadObject, nothing downloaded):

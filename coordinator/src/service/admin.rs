@@ -103,27 +103,12 @@ impl AdminApi {
                 (true, Some(s)) if s.pending > 0 => {
                     let age = ((now - s.oldest_pending_ms.unwrap_or(now)) / 1000).max(0) as u64;
                     c.lag.insert(name.clone(), age);
-                    let err = s
-                        .last_error
-                        .as_deref()
-                        .or(target_errors.get(name).map(String::as_str))
-                        .map(|e| format!(" (last error: {e})"))
-                        .unwrap_or_default();
-                    notes.push(format!(
-                        "{name} pending {}{err}",
-                        coffer_common::units::format_duration(std::time::Duration::from_secs(age))
-                    ));
+                    notes.push(pending_note(name, age, s.last_error.as_deref(), target_errors));
                 }
                 (true, _) => notes.push(format!("{name} pending")),
             }
         }
-        let present = if c.present.is_empty() { "none".to_string() } else { c.present.join(", ") };
-        let mut summary = format!("{}/{}: {present}", c.present.len(), policy.copies.len());
-        if !notes.is_empty() {
-            summary.push_str("; ");
-            summary.push_str(&notes.join("; "));
-        }
-        c.summary = summary;
+        c.summary = copies_line(&c.present, policy.copies.len(), &notes);
         Ok(c)
     }
 
@@ -261,29 +246,14 @@ impl AdminApi {
                 match rows.get(name) {
                     Some((Some(_), _, _)) => present.push(name.clone()),
                     Some((None, enqueued, err)) => {
-                        let age = std::time::Duration::from_secs(((now - enqueued) / 1000).max(0) as u64);
-                        let err = err
-                            .as_deref()
-                            .or(target_errors.get(name).map(String::as_str))
-                            .map(|e| format!(" (last error: {e})"))
-                            .unwrap_or_default();
-                        notes.push(format!("{name} pending {}{err}", coffer_common::units::format_duration(age)));
+                        let age = ((now - enqueued) / 1000).max(0) as u64;
+                        notes.push(pending_note(name, age, err.as_deref(), target_errors));
                     }
                     None => notes.push(format!("{name} pending")),
                 }
             }
         }
-        let mut out = format!(
-            "{}/{}: {}",
-            present.len(),
-            policy.copies.len(),
-            if present.is_empty() { "none".to_string() } else { present.join(", ") }
-        );
-        if !notes.is_empty() {
-            out.push_str("; ");
-            out.push_str(&notes.join("; "));
-        }
-        Ok(out)
+        Ok(copies_line(&present, policy.copies.len(), &notes))
     }
 
     async fn verify_inner(&self, req: Request<pb::VerifyRequest>) -> Result<pb::VerifyResponse> {
@@ -521,6 +491,29 @@ impl AdminService for AdminApi {
     ) -> std::result::Result<Response<pb::VerifyResponse>, Status> {
         Ok(Response::new(self.verify_inner(req).await?))
     }
+}
+
+/// `NAME pending 4m (last error: ...)`: a copy waiting for `age_secs`, with its own last
+/// upload error or else its target's.
+fn pending_note(name: &str, age_secs: u64, err: Option<&str>, target_errors: &BTreeMap<String, String>) -> String {
+    let err =
+        err.or(target_errors.get(name).map(String::as_str)).map(|e| format!(" (last error: {e})")).unwrap_or_default();
+    format!("{name} pending {}{err}", coffer_common::units::format_duration(std::time::Duration::from_secs(age_secs)))
+}
+
+/// `2/3: local, s3; offsite pending 4m`: the copies present out of those required, then
+/// notes on the others.
+fn copies_line(present: &[String], required: usize, notes: &[String]) -> String {
+    let mut out = format!(
+        "{}/{required}: {}",
+        present.len(),
+        if present.is_empty() { "none".into() } else { present.join(", ") }
+    );
+    if !notes.is_empty() {
+        out.push_str("; ");
+        out.push_str(&notes.join("; "));
+    }
+    out
 }
 
 pub fn service(state: Shared) -> pb::admin_service_server::AdminServiceServer<AdminApi> {
