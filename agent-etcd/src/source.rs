@@ -201,8 +201,9 @@ impl Source for EtcdSource {
                 }
             }
         });
-        let reader = Checked::new(StreamReader { rx, buf: Vec::new(), pos: 0 });
-        let added = sink.add_file(SNAPSHOT_PATH, reader).await.map(|e| e.size);
+        let digest = coffer_common::runtime::DigestSlot::default();
+        let reader = Checked::with_digest(StreamReader { rx, buf: Vec::new(), pos: 0 }, digest.clone());
+        let added = sink.add_file_hashed(SNAPSHOT_PATH, reader, digest).await.map(|e| e.size);
         pump.abort();
         let size = added?;
         let (rev_after, keys_after) = keyspace(&mut m.client).await?;

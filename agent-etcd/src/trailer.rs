@@ -14,6 +14,9 @@ pub struct Checked<R> {
     tail: Vec<u8>,
     done: bool,
     total: u64,
+    /// Filled with the SHA-256 of the whole stream (trailer included) once it checks out,
+    /// so the backup pipeline need not hash the bytes a second time.
+    whole: Option<coffer_common::runtime::DigestSlot>,
 }
 
 impl<R: Read> Checked<R> {
@@ -25,7 +28,13 @@ impl<R: Read> Checked<R> {
             tail: Vec::new(),
             done: false,
             total: 0,
+            whole: None,
         }
+    }
+
+    /// Also reports the SHA-256 of the whole stream into `slot` when the trailer checks out.
+    pub fn with_digest(inner: R, slot: coffer_common::runtime::DigestSlot) -> Self {
+        Checked { whole: Some(slot), ..Checked::new(inner) }
     }
 }
 
@@ -67,14 +76,19 @@ impl<R: Read> Read for Checked<R> {
                     self.total + self.held.len() as u64
                 )));
             }
-            let computed =
-                std::mem::replace(&mut self.digest, ring::digest::Context::new(&ring::digest::SHA256)).finish();
+            let digest = std::mem::replace(&mut self.digest, ring::digest::Context::new(&ring::digest::SHA256));
+            let mut whole = self.whole.as_ref().map(|_| digest.clone());
+            let computed = digest.finish();
             if computed.as_ref() != self.held.as_slice() {
                 return Err(bad(format!(
                     "snapshot integrity trailer mismatch: trailer {}, the data hashes to {} (truncated or corrupted)",
                     hex::encode(&self.held),
                     hex::encode(computed.as_ref())
                 )));
+            }
+            if let (Some(slot), Some(mut whole)) = (&self.whole, whole.take()) {
+                whole.update(&self.held);
+                let _ = slot.set(whole.finish().as_ref().try_into().expect("SHA-256 is 32 bytes"));
             }
             self.tail = std::mem::take(&mut self.held);
             self.done = true;
@@ -110,5 +124,19 @@ mod tests {
         }
         assert!(check(&s[..s.len() - 10]).is_err());
         assert!(check(&s[..20]).unwrap_err().to_string().contains("too short"));
+    }
+
+    #[test]
+    fn reports_the_whole_stream_digest_only_when_the_trailer_checks_out() {
+        let s = snapshot(&[9u8; 300_000]);
+        let slot = coffer_common::runtime::DigestSlot::default();
+        let mut out = Vec::new();
+        io::copy(&mut Checked::with_digest(&s[..], slot.clone()), &mut out).unwrap();
+        assert_eq!(slot.get().copied(), Some(coffer_common::crypto::sha256(&s)));
+        let mut bad = s.clone();
+        bad[5] ^= 1;
+        let slot = coffer_common::runtime::DigestSlot::default();
+        assert!(io::copy(&mut Checked::with_digest(&bad[..], slot.clone()), &mut io::sink()).is_err());
+        assert!(slot.get().is_none());
     }
 }

@@ -2,7 +2,6 @@
 //! real coordinator whose scheduler drives an `agent-git run` daemon; when the daemon stops,
 //! the generic staleness alert goes pending for that asset.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -19,9 +18,8 @@ schedule = "every 2s"
 
 /// The rules file inside deploy/alerts/prometheusrule.yaml (its `spec:`, one level down).
 fn shipped_rules() -> String {
-    let crd =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/alerts/prometheusrule.yaml"))
-            .expect("deploy/alerts/prometheusrule.yaml");
+    let crd = std::fs::read_to_string(coffer_testkit::workspace_root().join("deploy/alerts/prometheusrule.yaml"))
+        .expect("deploy/alerts/prometheusrule.yaml");
     let spec = crd.split_once("\nspec:\n").expect("a spec section").1;
     spec.lines().map(|l| l.strip_prefix("  ").unwrap_or(l)).collect::<Vec<_>>().join("\n")
 }

@@ -429,6 +429,18 @@ pub fn backup_line(out: &str) -> (String, u64, u64) {
     (id, size_of(size), size_of(new))
 }
 
+/// The workspace's root directory. Taken from the running test's `CARGO_MANIFEST_DIR` (cargo
+/// and nextest set it for every test process; each crate sits one level below the root)
+/// rather than the path compiled in, because a build cache shared between two clones can hand
+/// this clone a test binary compiled in the other one.
+pub fn workspace_root() -> PathBuf {
+    let crate_dir = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    crate_dir
+        .and_then(|d| d.parent().map(Path::to_path_buf))
+        .filter(|root| root.join("Cargo.toml").is_file())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+}
+
 /// The S3-compatible test server (moto from PyPI, through `testkit/s3_server.py`, which
 /// fixes two response roots the Rust SDK rejects) on a free loopback port, its log in `dir`.
 pub fn s3_server(dir: &Path) -> (KillOnDrop, u16) {
@@ -441,7 +453,7 @@ pub fn s3_server_with_env(dir: &Path, env: &[(&str, &str)]) -> (KillOnDrop, u16)
     let port = free_port();
     let proc = Command::new("python3")
         .envs(env.iter().copied())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("s3_server.py"))
+        .arg(workspace_root().join("testkit/s3_server.py"))
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(format!("s3-{port}.log"))).expect("s3 server log"))

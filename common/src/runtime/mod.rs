@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::Path;
 
-pub use backup::{BackupSink, BackupStats};
+pub use backup::{BackupSink, BackupStats, DigestSlot};
 pub use client::{ClientError, Coordinator};
 pub use restore::SnapshotReader;
 
