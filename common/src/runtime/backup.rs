@@ -46,6 +46,8 @@ const DEDUP_BATCH: usize = 512;
 /// FindMissingChunks round trip per chunk: 3,200 calls for a 270 MB etcd snapshot instead
 /// of ~100.
 const DEDUP_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+/// A batch stops waiting for more chunks once it holds this many bytes.
+const DEDUP_LINGER_BYTES: usize = 4 << 20;
 const READ_BUFFER: usize = 1 << 20;
 const CHUNK_CHANNEL: usize = 8;
 const ID_CHANNEL: usize = 64;
@@ -165,8 +167,15 @@ impl BackupSink {
         // Stages run in the caller's span, so their calls carry the backup's trace context.
         let stages = vec![
             tokio::spawn(
-                dedup_stage(coord.clone(), asset.to_string(), id_rx, seal_tx, stats.clone(), opts.memory_budget / 2)
-                    .in_current_span(),
+                dedup_stage(
+                    coord.clone(),
+                    asset.to_string(),
+                    id_rx,
+                    seal_tx,
+                    stats.clone(),
+                    (opts.memory_budget / 8).min(DEDUP_LINGER_BYTES),
+                )
+                .in_current_span(),
             ),
             tokio::spawn(seal_stage(cipher.clone(), seal_rx, up_tx, opts.workers, opts.zstd_level).in_current_span()),
             tokio::spawn(upload_stage(coord.clone(), begun.snapshot_id.clone(), up_rx).in_current_span()),
@@ -647,22 +656,23 @@ async fn dedup_stage(
     mut rx: mpsc::Receiver<Pending>,
     tx: mpsc::Sender<Pending>,
     stats: Arc<BackupStats>,
-    batch_bytes: usize,
+    linger_bytes: usize,
 ) -> Result<(), ClientError> {
     let mut queued: HashSet<ChunkId> = HashSet::new();
     while let Some(first) = rx.recv().await {
-        // Gather a batch: whatever is queued, then more for up to DEDUP_LINGER, but never
-        // more than half the memory budget (the source needs the rest to keep producing).
+        // Gather a batch: whatever is queued, and while the batch is still small, more for
+        // up to DEDUP_LINGER. The wait is capped in bytes (`linger_bytes`, a small share of
+        // the memory budget) so a fast source never stalls behind a batch being filled.
         let deadline = tokio::time::Instant::now() + DEDUP_LINGER;
         let mut bytes = first.chunk.len();
         let mut batch = vec![first];
-        while batch.len() < DEDUP_BATCH && bytes < batch_bytes {
+        while batch.len() < DEDUP_BATCH {
             let next = match rx.try_recv() {
                 Ok(p) => Some(p),
-                Err(mpsc::error::TryRecvError::Disconnected) => None,
-                Err(mpsc::error::TryRecvError::Empty) => {
+                Err(mpsc::error::TryRecvError::Empty) if bytes < linger_bytes => {
                     tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten()
                 }
+                Err(_) => None,
             };
             let Some(p) = next else { break };
             bytes += p.chunk.len();
