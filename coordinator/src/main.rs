@@ -141,7 +141,7 @@ fn load(common: &Common) -> anyhow::Result<(Config, PathBuf)> {
 }
 
 fn main() -> anyhow::Result<()> {
-    coffer_common::runtime::cli::limit_malloc_arenas();
+    coffer_common::runtime::cli::tune_malloc();
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Certs { cmd: CertsCmd::Init { out, agents, admins } } => {

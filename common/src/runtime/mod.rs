@@ -21,7 +21,7 @@ use std::path::Path;
 
 pub use backup::{BackupSink, BackupStats, DigestSlot};
 pub use client::{ClientError, Coordinator};
-pub use restore::SnapshotReader;
+pub use restore::{FileCheck, SnapshotReader};
 
 use crate::manifest::Manifest;
 

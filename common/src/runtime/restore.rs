@@ -33,6 +33,19 @@ impl Default for RestoreOptions {
     }
 }
 
+/// What `restore_into` checks for each file beyond the chunks themselves. Every chunk is
+/// always authenticated (AES-GCM under a key derived from its id, the id in the associated
+/// data, the id named by the signed manifest), so a coordinator cannot substitute data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileCheck {
+    /// Also hash each restored file and compare it with the manifest's SHA-256 (catches an
+    /// agent that cut or hashed a file wrongly at backup time).
+    Sha256,
+    /// Sizes only: for files that are single chunks (volume blocks), where the whole-file
+    /// hash would re-hash every byte the chunk check has just authenticated.
+    ChunksOnly,
+}
+
 pub struct SnapshotReader {
     coord: Coordinator,
     cipher: Arc<ChunkCipher>,
@@ -114,7 +127,7 @@ impl SnapshotReader {
             sync_tx.send((dests[i].clone(), f)).map_err(|_| ClientError::Protocol("sync thread stopped".into()))
         };
         let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
-        let written = self.restore_into(&paths, open, finish).await;
+        let written = self.restore_into(&paths, FileCheck::Sha256, open, finish).await;
         let synced = syncer.await.map_err(|e| ClientError::Protocol(format!("sync thread: {e}")))?;
         written?;
         synced
@@ -130,15 +143,21 @@ impl SnapshotReader {
             w.0.flush().map_err(|source| ClientError::Io { context: format!("writing {path_owned}"), source })?;
             tx.send(w.0).map_err(|_| ClientError::Protocol("receiver gone".into()))
         };
-        self.restore_into(&[path], open, finish).await?;
+        self.restore_into(&[path], FileCheck::Sha256, open, finish).await?;
         rx.recv().map_err(|_| ClientError::Protocol("restored writer lost".into()))
     }
 
     /// The restore engine: one ordered stream of download batches over all `paths`, fetched
     /// `parallel` at a time, each decrypted and checked on a blocking thread straight into an
     /// aligned [`Extent`], written in order by one writer thread; a hasher thread then checks
-    /// each file's size and SHA-256 before `finish`.
-    pub async fn restore_into<W, O, F>(&self, paths: &[&str], mut open: O, mut finish: F) -> Result<(), ClientError>
+    /// each file's size and (with [`FileCheck::Sha256`]) SHA-256 before `finish`.
+    pub async fn restore_into<W, O, F>(
+        &self,
+        paths: &[&str],
+        check_files: FileCheck,
+        mut open: O,
+        mut finish: F,
+    ) -> Result<(), ClientError>
     where
         W: ExtentSink + Send + 'static,
         O: FnMut(usize) -> Result<W, ClientError> + Send + 'static,
@@ -158,9 +177,9 @@ impl SnapshotReader {
         let total = expected.len();
         let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<(usize, Extent)>(2);
         let hasher = std::thread::spawn(move || -> Result<(), ClientError> {
-            let mut check = |i: usize, (h, size): (FileHasher, u64)| -> Result<(), ClientError> {
-                let sha = hex::encode(h.finish());
+            let mut check = |i: usize, (h, size): (Option<FileHasher>, u64)| -> Result<(), ClientError> {
                 let (path, want_size, want_sha) = &expected[i];
+                let sha = h.map_or_else(|| want_sha.clone(), |h| hex::encode(h.finish()));
                 if size != *want_size || &sha != want_sha {
                     return Err(ClientError::Corrupt {
                         snapshot: snapshot.clone(),
@@ -171,12 +190,15 @@ impl SnapshotReader {
                 }
                 Ok(())
             };
-            let mut fresh = |_| Ok((FileHasher::default(), 0u64));
+            let hash = check_files == FileCheck::Sha256;
+            let mut fresh = |_| Ok((hash.then(FileHasher::default), 0u64));
             let mut walk = Walk::default();
             for (i, extent) in hash_rx {
                 let (h, size) = walk.at(i, &mut fresh, &mut check)?;
                 let data = extent.data();
-                h.update(data);
+                if let Some(h) = h {
+                    h.update(data);
+                }
                 *size += data.len() as u64;
                 progress.add(data.len() as u64);
             }
