@@ -245,7 +245,7 @@ impl Config {
     }
 
     pub fn chunker_for(&self, kind: &str) -> ChunkerParams {
-        self.chunker.get(kind).map(ChunkerConfig::params).unwrap_or(ChunkerParams::DEFAULT)
+        self.chunker.get(kind).map(ChunkerConfig::params).unwrap_or_else(|| ChunkerParams::for_kind(kind))
     }
 
     /// The effective policy of `asset`. Config validation has checked every override, so
@@ -344,5 +344,8 @@ mod tests {
         assert_eq!(c.policy_for("git/slow").expected_interval, Some(Duration::from_secs(7 * 86400)));
         assert_eq!(c.pack_size, 32 << 20);
         assert_eq!(Config::default().chunker_for("git"), ChunkerParams::DEFAULT);
+        assert_eq!(Config::default().chunker_for("etcd"), ChunkerParams::SNAPSHOTS);
+        assert_eq!(Config::default().chunker_for("redis"), ChunkerParams::SNAPSHOTS);
+        assert!(ChunkerParams::SNAPSHOTS.validate().is_ok());
     }
 }
