@@ -147,13 +147,15 @@ impl Session {
         Ok((lsn, tl as u32))
     }
 
-    /// `pg_backup_stop` (15+) or `pg_stop_backup(false, true)`, waiting until the WAL the
-    /// backup needs is archived: returns the stop LSN, the backup label and the tablespace map.
+    /// `pg_backup_stop(false)` (15+) or `pg_stop_backup(false, false)`: ends the backup and
+    /// switches WAL segments, without waiting for the archiver (PostgreSQL polls for that
+    /// once a second, which cost up to a second per backup; the caller polls the archive
+    /// instead). Returns the stop LSN, the backup label and the tablespace map.
     pub async fn backup_stop(&self, info: &ServerInfo) -> Result<(String, String, String), PgError> {
         let sql = if info.version_num >= 150_000 {
-            "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') FROM pg_backup_stop(true)"
+            "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') FROM pg_backup_stop(false)"
         } else {
-            "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') FROM pg_stop_backup(false, true)"
+            "SELECT lsn::text, labelfile, coalesce(spcmapfile, '') FROM pg_stop_backup(false, false)"
         };
         let row = self.client.query_one(sql, &[]).await.map_err(q("stopping the backup"))?;
         Ok((row.get(0), row.get(1), row.get(2)))

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use coffer_common::chunker::Cut;
 use coffer_common::manifest::Manifest;
@@ -55,6 +56,42 @@ impl PgSource {
         self.conn.as_deref().ok_or_else(|| {
             SourceError::Failed("--pg-conn is required (e.g. \"host=/run/postgresql user=postgres\")".into())
         })
+    }
+}
+
+/// How long a base backup waits for its stop segment to reach the archive.
+const ARCHIVE_WAIT: Duration = Duration::from_secs(600);
+
+/// Polls the coordinator until it holds `segment`: quickly at first (the archiver usually
+/// pushes it within a few hundred milliseconds), then once a second, saying so every
+/// half minute; fails after [`ARCHIVE_WAIT`] naming the likely cause.
+async fn wait_for_archived(sink: &BackupSink, segment: &str, stop_lsn: &str) -> Result<(), SourceError> {
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(25);
+    let mut said = started;
+    loop {
+        let held = sink
+            .coordinator()
+            .stream_files(sink.asset(), crate::WAL_STREAM, std::slice::from_ref(&segment.to_string()))
+            .await?;
+        if !held.is_empty() {
+            return Ok(());
+        }
+        if started.elapsed() >= ARCHIVE_WAIT {
+            return Err(failed(format!(
+                "WAL segment {segment} (holding the backup's stop LSN {stop_lsn}) was not archived in {} within {}s: \
+                 is archive_command set to 'agent-postgres wal-push %p' for this asset, and does it succeed \
+                 (PostgreSQL's log says)?",
+                sink.asset(),
+                ARCHIVE_WAIT.as_secs()
+            )));
+        }
+        if said.elapsed() >= Duration::from_secs(30) {
+            tracing::warn!(segment, waited_s = started.elapsed().as_secs(), "still waiting for the archiver");
+            said = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 
@@ -235,16 +272,9 @@ impl Source for PgSource {
             Lsn::parse(&stop_lsn).ok_or_else(|| failed(format!("stop LSN {stop_lsn:?}")))?,
         );
         let stop_wal = wal::segment_name(timeline, stop.segment(seg), seg);
-        // pg_backup_stop waited for the archiver; check the coordinator really holds it.
-        let held =
-            sink.coordinator().stream_files(sink.asset(), crate::WAL_STREAM, std::slice::from_ref(&stop_wal)).await?;
-        if held.is_empty() {
-            return Err(failed(format!(
-                "WAL segment {stop_wal} (holding the backup's stop LSN {stop_lsn}) is not archived in {}: \
-                 is archive_command set to 'agent-postgres wal-push %p' for this asset?",
-                sink.asset()
-            )));
-        }
+        // The backup is complete only once the coordinator holds the segment with the stop
+        // LSN (the archiver pushes it after the switch pg_backup_stop made).
+        wait_for_archived(sink, &stop_wal, &stop_lsn).await?;
         let mut meta = BTreeMap::new();
         meta.insert("pg_version".into(), json!(info.version));
         meta.insert("pg_version_num".into(), json!(info.version_num));
