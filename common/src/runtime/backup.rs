@@ -498,9 +498,9 @@ async fn stream_file<R: Read + Send + 'static>(
 }
 
 /// Reads, hashes and chunks one file on three threads joined by bounded channels: a reader
-/// (so disk waits overlap with CPU work), a hasher (the whole-file SHA-256) and the chunker
-/// (this thread). A fixed set of read buffers travels reader -> hasher -> chunker -> reader,
-/// so nothing is allocated per read.
+/// (so disk waits overlap with CPU work), a hasher (the whole-file SHA-256, unless `digest`
+/// says the reader computes it) and the chunker (this thread). A fixed set of read buffers
+/// travels reader -> hasher -> chunker -> reader, so nothing is allocated per read.
 #[allow(clippy::too_many_arguments)]
 fn read_and_chunk<R: Read + Send + 'static>(
     mut reader: R,
