@@ -26,9 +26,7 @@ fn keys(port: u16, bucket: &str) -> String {
 
 /// AdminService/Verify with `body`, its answer as JSON.
 fn admin_verify(coord: &Coordinator, certs: &Path, body: &str) -> serde_json::Value {
-    let o = coord.grpcurl(certs, "admin-ops", &["-d", body], "coffer.v1.AdminService/Verify");
-    assert!(o.status.success(), "Verify: {}", kit::stderr(&o));
-    serde_json::from_str(&kit::stdout(&o)).unwrap()
+    coord.admin_json(certs, "Verify", body)
 }
 
 /// agent-git for `asset`, working in `work` on the source repository `repo`.
@@ -409,14 +407,7 @@ fn prune_deletes_copies_but_never_before_their_object_lock_ends() {
 
 /// The copy status of an asset from AdminService/AssetStatus.
 fn asset_status(coord: &Coordinator, certs: &Path, asset: &str) -> serde_json::Value {
-    let o = coord.grpcurl(
-        certs,
-        "admin-ops",
-        &["-d", &format!("{{\"asset\":\"{asset}\"}}")],
-        "coffer.v1.AdminService/AssetStatus",
-    );
-    assert!(o.status.success(), "{}", kit::stderr(&o));
-    serde_json::from_str(&kit::stdout(&o)).unwrap()
+    coord.admin_json(certs, "AssetStatus", &serde_json::json!({ "asset": asset }).to_string())
 }
 
 fn copies_present(coord: &Coordinator, certs: &Path, asset: &str) -> Vec<String> {

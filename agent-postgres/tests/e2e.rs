@@ -173,14 +173,7 @@ impl Pg {
 }
 
 fn asset_status(coord: &Coordinator, certs: &Path, asset: &str) -> serde_json::Value {
-    let o = coord.grpcurl(
-        certs,
-        "admin-ops",
-        &["-d", &format!("{{\"asset\":\"{asset}\"}}")],
-        "coffer.v1.AdminService/AssetStatus",
-    );
-    assert!(o.status.success(), "AssetStatus: {}", kit::stderr(&o));
-    serde_json::from_str::<serde_json::Value>(&kit::stdout(&o)).unwrap()["status"].clone()
+    coord.admin_json(certs, "AssetStatus", &serde_json::json!({ "asset": asset }).to_string())["status"].clone()
 }
 
 fn pg_agent(coord: &Coordinator, certs: &Path, dir: &Path, pg: &Pg) -> Command {

@@ -207,6 +207,14 @@ impl Coordinator {
         run(&mut c)
     }
 
+    /// `AdminService/<method>` as `admin-ops` with the JSON request `body`; requires success
+    /// and returns the answer as JSON.
+    pub fn admin_json(&self, certs: &Path, method: &str, body: &str) -> serde_json::Value {
+        let o = self.grpcurl(certs, "admin-ops", &["-d", body], &format!("coffer.v1.AdminService/{method}"));
+        assert!(o.status.success(), "{method}: {}", stderr(&o));
+        serde_json::from_str(&stdout(&o)).unwrap_or_else(|e| panic!("{method} answered {}: {e}", stdout(&o)))
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
