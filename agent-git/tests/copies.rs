@@ -292,8 +292,11 @@ fn copies_verify_fast_and_deep_and_a_bad_copy_is_uploaded_again() {
     assert!(about(&pack_key).is_some_and(|p| p.contains("hashes to")), "{deep}");
     assert!(about(&manifest_key).is_some_and(|p| p.contains("missing")), "{deep}");
     assert_eq!(problems.len(), 2, "{deep}");
+    // The gauge counts objects whose last verification failed; the replication job may
+    // already have re-uploaded (and re-verified) one of the two by the time it is scraped.
     let (_, text) = kit::http_get(&coord.metrics_url);
-    assert_eq!(kit::metric(&text, "coffer_target_verify_failures{target=\"s3\"}"), Some(2.0), "{text}");
+    let failures = kit::metric(&text, "coffer_target_verify_failures{target=\"s3\"}");
+    assert!(failures.is_some_and(|n| (1.0..=2.0).contains(&n)), "{text}");
 
     // Repair: the replication job uploads both again from the local copy.
     let local_pack = std::fs::read(coord.data_dir.join("repo").join(&pack_key)).unwrap();
