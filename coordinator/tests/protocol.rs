@@ -198,7 +198,13 @@ async fn many_files_restore_in_order_across_batches() {
     sink.commit(&me, Default::default()).await.unwrap();
 
     // Small batches force many batches per file and files sharing the download window.
-    let opts = coffer_common::runtime::restore::RestoreOptions { parallel: 3, batch_bytes: 200_000, quiet: true };
+    let opts = coffer_common::runtime::restore::RestoreOptions {
+        parallel: 3,
+        batch_bytes: 200_000,
+        lanes: 2,
+        memory_budget: 1 << 20,
+        quiet: true,
+    };
     let reader = coffer_common::runtime::SnapshotReader::open(&coord, &keyring, "git/a", "latest", opts).await.unwrap();
     let out = tempfile::tempdir().unwrap();
     let targets: Vec<(String, PathBuf)> = files.iter().map(|(p, _)| (p.clone(), out.path().join(p))).collect();
@@ -217,7 +223,13 @@ async fn many_files_restore_in_order_across_batches() {
     raw.commit_backup(pb::CommitBackupRequest { snapshot_id: bad.snapshot.clone(), manifest: bytes, signature })
         .await
         .unwrap();
-    let opts = coffer_common::runtime::restore::RestoreOptions { parallel: 2, batch_bytes: 200_000, quiet: true };
+    let opts = coffer_common::runtime::restore::RestoreOptions {
+        parallel: 2,
+        batch_bytes: 200_000,
+        lanes: 1,
+        memory_budget: 8 << 20,
+        quiet: true,
+    };
     let lying =
         coffer_common::runtime::SnapshotReader::open(&coord, &keyring, "git/a", &bad.snapshot, opts).await.unwrap();
     let out2 = tempfile::tempdir().unwrap();

@@ -39,7 +39,9 @@ impl ExtentPool {
         let need = lead + len + ALIGN;
         let reused = {
             let mut free = self.free.lock().expect("pool lock");
-            free.iter().position(|b| b.len() >= need).map(|i| free.swap_remove(i))
+            // Best fit: a small file's batch must not take the buffer a large one needs.
+            let fit = free.iter().enumerate().filter(|(_, b)| b.len() >= need).min_by_key(|(_, b)| b.len());
+            fit.map(|(i, _)| i).map(|i| free.swap_remove(i))
         };
         // Sizes rounded up so that buffers fit later batches of slightly different shapes.
         let buf = reused.unwrap_or_else(|| vec![0u8; need.next_multiple_of(1 << 20)]);

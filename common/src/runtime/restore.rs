@@ -5,11 +5,12 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use coffer_proto::v1 as pb;
 use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::client::{ClientError, Coordinator, SignedManifest};
 use super::direct::{Extent, ExtentPool, ExtentSink, Plain, RestoreFile};
@@ -24,12 +25,17 @@ pub struct RestoreOptions {
     pub parallel: usize,
     /// Target plaintext bytes per download batch.
     pub batch_bytes: usize,
+    /// Files written at once (each lane has its own download window, writer and hasher).
+    pub lanes: usize,
+    /// Plaintext bytes of batches in flight (downloading, decrypted, being written or
+    /// hashed) over all lanes together.
+    pub memory_budget: usize,
     pub quiet: bool,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        RestoreOptions { parallel: 4, batch_bytes: 4 << 20, quiet: false }
+        RestoreOptions { parallel: 4, batch_bytes: 4 << 20, lanes: 4, memory_budget: 48 << 20, quiet: false }
     }
 }
 
@@ -63,6 +69,17 @@ impl SnapshotReader {
         snapshot: &str,
         opts: RestoreOptions,
     ) -> Result<SnapshotReader, ClientError> {
+        Self::open_with_cipher(coord, Arc::new(keyring.cipher()), asset, snapshot, opts).await
+    }
+
+    /// [`SnapshotReader::open`] with the asset's chunk cipher already at hand.
+    pub async fn open_with_cipher(
+        coord: &Coordinator,
+        cipher: Arc<ChunkCipher>,
+        asset: &str,
+        snapshot: &str,
+        opts: RestoreOptions,
+    ) -> Result<SnapshotReader, ClientError> {
         let signed = coord
             .manifest(asset, snapshot)
             .await?
@@ -70,7 +87,7 @@ impl SnapshotReader {
         let total = signed.manifest.total_size();
         Ok(SnapshotReader {
             coord: coord.clone(),
-            cipher: Arc::new(keyring.cipher()),
+            cipher,
             signed,
             opts,
             progress: Progress::start("restore", Some(total), opts.quiet),
@@ -147,16 +164,20 @@ impl SnapshotReader {
         rx.recv().map_err(|_| ClientError::Protocol("restored writer lost".into()))
     }
 
-    /// The restore engine: one ordered stream of download batches over all `paths`, fetched
-    /// `parallel` at a time, each decrypted and checked on a blocking thread straight into an
-    /// aligned [`Extent`], written in order by one writer thread; a hasher thread then checks
-    /// each file's size and (with [`FileCheck::Sha256`]) SHA-256 before `finish`.
+    /// The restore engine. Files are shared out over `lanes` (largest first, to the lane
+    /// with the fewest bytes; manifest order within a lane). Each lane is one ordered stream
+    /// of download batches, fetched `parallel` at a time, each decrypted and checked on a
+    /// blocking thread straight into an aligned [`Extent`], written in order by the lane's
+    /// writer thread; the lane's hasher thread then checks each file's size and (with
+    /// [`FileCheck::Sha256`]) SHA-256, before `finish`. Lanes let one file's writes wait on
+    /// the disk while another file's go on: a single writer was the limit for data
+    /// directories of many files. The first lane to fail stops the others.
     pub async fn restore_into<W, O, F>(
         &self,
         paths: &[&str],
         check_files: FileCheck,
-        mut open: O,
-        mut finish: F,
+        open: O,
+        finish: F,
     ) -> Result<(), ClientError>
     where
         W: ExtentSink + Send + 'static,
@@ -167,24 +188,63 @@ impl SnapshotReader {
             .iter()
             .map(|p| self.manifest().file(p).cloned().ok_or_else(|| self.corrupt(format!("has no file {p:?}"))))
             .collect::<Result<_, _>>()?;
-        let (tx, mut rx) = mpsc::channel::<(usize, Extent)>(2);
+        let entries = Arc::new(entries);
+        let open = Arc::new(Mutex::new(open));
+        let finish = Arc::new(Mutex::new(finish));
+        let shared = Lanes {
+            entries,
+            check_files,
+            stop: AtomicBool::new(false),
+            budget: Arc::new(Semaphore::new(self.budget_permits())),
+            pool: Arc::new(ExtentPool::default()),
+        };
+        let lanes = assign_lanes(&shared.entries, self.opts.lanes);
+        let results = futures::future::join_all(lanes.into_iter().map(|files| {
+            let (open, finish) = (open.clone(), finish.clone());
+            let open = move |j: usize| (open.lock().expect("open lock"))(j);
+            let finish = move |j: usize, w: W| (finish.lock().expect("finish lock"))(j, w);
+            self.restore_lane(&shared, files, open, finish)
+        }))
+        .await;
+        results.into_iter().collect()
+    }
+
+    /// One lane of [`SnapshotReader::restore_into`]: the files `files` (indices into
+    /// `entries`, ascending) restored in order.
+    async fn restore_lane<W, O, F>(
+        &self,
+        shared: &Lanes,
+        files: Vec<usize>,
+        mut open: O,
+        mut finish: F,
+    ) -> Result<(), ClientError>
+    where
+        W: ExtentSink + Send + 'static,
+        O: FnMut(usize) -> Result<W, ClientError> + Send + 'static,
+        F: FnMut(usize, W) -> Result<(), ClientError> + Send + 'static,
+    {
+        let Lanes { entries, check_files, stop, budget, pool } = shared;
+        let check_files = *check_files;
+        // Inside the lane, files are numbered 0..files.len(); `files[j]` is the caller's index.
+        let files = Arc::new(files);
+        let (tx, mut rx) = mpsc::channel::<(usize, Held)>(2);
         let progress = self.progress.clone();
         let snapshot = self.signed.info.id.clone();
-        let expected: Vec<(String, u64, String)> =
-            entries.iter().map(|e| (e.path.clone(), e.size, e.sha256.clone())).collect();
+        let total = files.len();
         // Two threads consume the ordered extents: the writer, then (handed each extent after
         // writing it) the hasher, which checks every file's size and SHA-256.
-        let total = expected.len();
-        let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<(usize, Extent)>(2);
+        let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<(usize, Held)>(2);
+        let (hash_entries, hash_files) = (entries.clone(), files.clone());
         let hasher = std::thread::spawn(move || -> Result<(), ClientError> {
-            let mut check = |i: usize, (h, size): (Option<FileHasher>, u64)| -> Result<(), ClientError> {
-                let (path, want_size, want_sha) = &expected[i];
-                let sha = h.map_or_else(|| want_sha.clone(), |h| hex::encode(h.finish()));
-                if size != *want_size || &sha != want_sha {
+            let mut check = |j: usize, (h, size): (Option<FileHasher>, u64)| -> Result<(), ClientError> {
+                let e = &hash_entries[hash_files[j]];
+                let sha = h.map_or_else(|| e.sha256.clone(), |h| hex::encode(h.finish()));
+                if size != e.size || sha != e.sha256 {
                     return Err(ClientError::Corrupt {
                         snapshot: snapshot.clone(),
                         detail: format!(
-                            "file {path:?} restored to {size} bytes with SHA-256 {sha} but the manifest says {want_size} bytes, {want_sha}"
+                            "file {:?} restored to {size} bytes with SHA-256 {sha} but the manifest says {} bytes, {}",
+                            e.path, e.size, e.sha256
                         ),
                     });
                 }
@@ -193,8 +253,8 @@ impl SnapshotReader {
             let hash = check_files == FileCheck::Sha256;
             let mut fresh = |_| Ok((hash.then(FileHasher::default), 0u64));
             let mut walk = Walk::default();
-            for (i, extent) in hash_rx {
-                let (h, size) = walk.at(i, &mut fresh, &mut check)?;
+            for (j, (extent, _permit)) in hash_rx {
+                let (h, size) = walk.at(j, &mut fresh, &mut check)?;
                 let data = extent.data();
                 if let Some(h) = h {
                     h.update(data);
@@ -204,13 +264,18 @@ impl SnapshotReader {
             }
             walk.end(total, &mut fresh, &mut check)
         });
+        let jobs_files = files.clone();
+        let write_files = files.clone();
+        let mut open = move |j: usize| open(write_files[j]);
+        let close_files = files.clone();
+        let mut finish = move |j: usize, w: W| finish(close_files[j], w);
         let writer_task = tokio::task::spawn_blocking(move || {
             let mut walk = Walk::default();
-            while let Some((i, mut extent)) = rx.blocking_recv() {
-                let w = walk.at(i, &mut open, &mut finish)?;
+            while let Some((j, (mut extent, permit))) = rx.blocking_recv() {
+                let w = walk.at(j, &mut open, &mut finish)?;
                 w.write_extent(&mut extent)
-                    .map_err(|source| ClientError::Io { context: format!("writing file #{i}"), source })?;
-                if hash_tx.send((i, extent)).is_err() {
+                    .map_err(|source| ClientError::Io { context: format!("writing file #{}", files[j]), source })?;
+                if hash_tx.send((j, (extent, permit))).is_err() {
                     return Ok(()); // the hasher stopped; its error is reported
                 }
             }
@@ -219,24 +284,36 @@ impl SnapshotReader {
         });
 
         let mut jobs: Vec<(usize, u64, Vec<ChunkRef>)> = Vec::new();
-        for (i, e) in entries.iter().enumerate() {
+        for (j, &i) in jobs_files.iter().enumerate() {
             let mut offset = 0u64;
-            for b in batch_refs(&e.chunks, self.opts.batch_bytes) {
+            for b in batch_refs(&entries[i].chunks, self.opts.batch_bytes) {
                 let len: u64 = b.iter().map(|r| u64::from(r.1)).sum();
-                jobs.push((i, offset, b));
+                jobs.push((j, offset, b));
                 offset += len;
             }
         }
-        let pool = Arc::new(ExtentPool::default());
         let mut fetched = futures::stream::iter(jobs)
-            .map(|(i, offset, b)| {
-                let entry = &entries[i];
+            .map(|(j, offset, b)| {
+                let entry = &entries[jobs_files[j]];
                 let pool = pool.clone();
-                async move { self.fetch_batch(entry, offset, b, pool).await.map(|v| (i, v)) }
+                let budget = budget.clone();
+                async move {
+                    let len: u64 = b.iter().map(|r| u64::from(r.1)).sum();
+                    let want = (len as usize).clamp(1, self.budget_permits()) as u32;
+                    let permit = budget
+                        .acquire_many_owned(want)
+                        .await
+                        .map_err(|_| ClientError::Protocol("restore budget closed".into()))?;
+                    self.fetch_batch(entry, offset, b, pool).await.map(|v| (j, (v, permit)))
+                }
             })
             .buffered(self.opts.parallel);
-        let mut failure = None;
+        let (mut failure, mut stopped) = (None, false);
         while let Some(batch) = fetched.next().await {
+            if stop.load(Ordering::Relaxed) {
+                stopped = true;
+                break;
+            }
             match batch {
                 Ok(b) => {
                     if tx.send(b).await.is_err() {
@@ -244,6 +321,7 @@ impl SnapshotReader {
                     }
                 }
                 Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
                     failure = Some(e);
                     break;
                 }
@@ -256,7 +334,15 @@ impl SnapshotReader {
         if let Some(e) = failure {
             return Err(e);
         }
-        written.and(hashed)
+        if stopped {
+            // Another lane failed and reports why; this lane's unfinished files say nothing.
+            return Ok(());
+        }
+        let done = written.and(hashed);
+        if done.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        done
     }
 
     /// Downloads one batch of a file's chunks (starting at plaintext offset `offset`) and
@@ -324,6 +410,11 @@ impl SnapshotReader {
     pub fn finish(&self) {
         self.progress.finish();
     }
+
+    /// The memory budget as semaphore permits (one per byte, at least one batch's worth).
+    fn budget_permits(&self) -> usize {
+        self.opts.memory_budget.max(self.opts.batch_bytes).min(u32::MAX as usize)
+    }
 }
 
 /// Walks files `0..total` in order as batches for them arrive: each file is opened once and
@@ -365,6 +456,43 @@ impl<T> Walk<T> {
             None => Ok(()),
         }
     }
+}
+
+/// What the lanes of one restore share.
+struct Lanes {
+    entries: Arc<Vec<FileEntry>>,
+    check_files: FileCheck,
+    /// Set by the first lane that fails.
+    stop: AtomicBool,
+    /// The memory budget, one permit per plaintext byte in flight.
+    budget: Arc<Semaphore>,
+    pool: Arc<ExtentPool>,
+}
+
+/// A decrypted batch and its share of the restore's memory budget, released once hashed.
+type Held = (Extent, OwnedSemaphorePermit);
+
+/// Shares files out over at most `lanes` lanes: largest first, each to the lane with the
+/// fewest bytes so far (an empty file still costs a create); ascending indices in each lane.
+fn assign_lanes(entries: &[FileEntry], lanes: usize) -> Vec<Vec<usize>> {
+    let lanes = lanes.clamp(1, entries.len().max(1));
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(entries[i].size));
+    let mut load = vec![0u64; lanes];
+    let mut out = vec![Vec::new(); lanes];
+    for i in order {
+        let l = (0..lanes).min_by_key(|&l| load[l]).expect("at least one lane");
+        load[l] += entries[i].size.max(4096);
+        out[l].push(i);
+    }
+    for lane in &mut out {
+        lane.sort_unstable();
+    }
+    out.retain(|l| !l.is_empty());
+    if out.is_empty() {
+        out.push(Vec::new());
+    }
+    out
 }
 
 /// Splits a file's chunk list into download batches of about `bytes` plaintext each.
