@@ -13,7 +13,6 @@ use coffer_common::runtime::{SnapshotReader, SourceError};
 use serde_json::Value;
 
 use crate::resp::{Conn, RedisUrl, Reply, keyspace};
-use crate::source::RDB_PATH;
 
 /// A throwaway `redis-server` on a free loopback port, serving `dump.rdb` from its own
 /// directory; killed and its directory removed when dropped.
@@ -77,9 +76,9 @@ pub async fn drill(ctx: &AgentContext, snapshot: &str, redis_server: &str) -> Re
     let reader =
         SnapshotReader::open(&ctx.coord, &ctx.keyring, &ctx.asset, snapshot, ctx.args.restore_options()).await?;
     let work = TempServer::dir()?;
-    if let Err(e) = reader.restore_to_path(RDB_PATH, &work.join("dump.rdb")).await {
+    if let Err(e) = crate::source::write_rdb(&reader, &work.join("dump.rdb")).await {
         let _ = std::fs::remove_dir_all(&work);
-        return Err(e.into());
+        return Err(e);
     }
     reader.finish();
     let m = reader.manifest().clone();

@@ -1,6 +1,7 @@
 //! agent-redis: backs up a Redis server's dataset (an RDB taken over the replication
 //! protocol) to a Coffer coordinator, restores it as a file, and drills restores.
 
+mod delta;
 mod drill;
 mod rdb;
 mod resp;
@@ -39,6 +40,15 @@ struct Cli {
     /// rediss://: the client certificate's private key (PEM).
     #[arg(long, global = true, env = "COFFER_REDIS_KEY", requires = "redis_cert")]
     redis_key: Option<std::path::PathBuf>,
+    /// Keeps the RDB of the newest full snapshot here (plaintext, owner-only), so delta
+    /// snapshots patch against it without downloading it. Per asset, about one RDB.
+    #[arg(long, global = true, env = "COFFER_CACHE_DIR", default_value = "coffer-cache")]
+    cache_dir: std::path::PathBuf,
+    /// A full snapshot at least every N backups; in between, a backup stores only a patch
+    /// against the last full one (1: every backup full).
+    #[arg(long, global = true, env = "COFFER_REDIS_FULL_EVERY", default_value_t = 7,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    full_every: u64,
     /// `restore --to redis://…`: replace the keys of a server that is not empty.
     #[arg(long, global = true, env = "COFFER_FORCE")]
     force: bool,
@@ -78,6 +88,8 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
         redis_server: cli.redis_server.clone(),
         data_dir: cli.redis_data_dir.clone(),
         tls,
+        cache_dir: Some(cli.cache_dir.clone()),
+        full_every: cli.full_every,
     };
     if let Cmd::Common(cli::Command::Run) = cli.cmd {
         return coffer_common::runtime::daemon::run(&cli.agent, "redis", &source).await;

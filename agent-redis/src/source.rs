@@ -3,13 +3,15 @@
 //! diskless; the RDB's CRC-64 is checked before the snapshot can commit.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Duration;
 
-use coffer_common::manifest::Manifest;
+use coffer_common::manifest::{FileEntry, Manifest};
 use coffer_common::runtime::{BackupSink, Probe, SnapshotReader, Source, SourceError, VerifyReport};
 use serde_json::{Value, json};
 
+use crate::delta::{BASE_PATH, PATCH_PATH, PatchReader};
 use crate::rdb::{Framing, RdbStream, check_file};
 use crate::resp::{Conn, RedisUrl, Reply, RespError, keyspace};
 
@@ -30,6 +32,83 @@ pub struct RedisSource {
     pub data_dir: Option<std::path::PathBuf>,
     /// TLS files for `rediss://` URLs (the backup's and a restore target's).
     pub tls: crate::resp::TlsFiles,
+    /// Where the agent keeps the RDB of the newest full snapshot (plaintext, mode 0600),
+    /// so that delta snapshots need not download it. `None`: deltas download their base.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// A full snapshot at least every this many backups (deltas in between); 1: always full.
+    pub full_every: u64,
+}
+
+/// The full snapshot a delta patches against.
+#[derive(Debug, Clone)]
+struct Base {
+    id: String,
+    /// The base RDB's file entry (reused in the delta as [`BASE_PATH`]).
+    entry: FileEntry,
+    /// Deltas since that full snapshot, this one included.
+    chain: u64,
+    /// Where the previous snapshot holds the base content (to download it from there).
+    previous: (String, String),
+}
+
+/// Whether the next backup can be a delta, and against which base: the newest snapshot's
+/// own RDB if it is full, else its base, unless `full_every` says a full one is due or the
+/// last patch grew past a quarter of its RDB.
+fn plan_delta(previous: Option<&Manifest>, full_every: u64) -> Option<Base> {
+    let m = previous?;
+    if full_every <= 1 || m.kind != "redis" {
+        return None;
+    }
+    match m.source.get("delta") {
+        None => Some(Base {
+            id: m.snapshot.clone(),
+            entry: m.file(RDB_PATH)?.clone(),
+            chain: 1,
+            previous: (m.snapshot.clone(), RDB_PATH.into()),
+        }),
+        Some(d) => {
+            let chain = d.get("chain")?.as_u64()? + 1;
+            let patch = d.get("patch_bytes")?.as_u64()?;
+            let rdb = m.source.get("rdb_bytes")?.as_u64()?;
+            if chain >= full_every || patch.saturating_mul(4) > rdb {
+                return None;
+            }
+            Some(Base {
+                id: d.get("base")?.as_str()?.to_string(),
+                entry: m.file(BASE_PATH)?.clone(),
+                chain,
+                previous: (m.snapshot.clone(), BASE_PATH.into()),
+            })
+        }
+    }
+}
+
+/// Copies everything read into a cache file on the side; a failed write only ends the copy.
+struct Tee<R> {
+    inner: R,
+    copy: Option<(std::fs::File, std::path::PathBuf)>,
+}
+
+impl<R: std::io::Read> std::io::Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some((f, path)) = &mut self.copy
+            && let Err(e) = std::io::Write::write_all(f, &buf[..n])
+        {
+            tracing::warn!(path = %path.display(), error = %e, "not caching the RDB for delta snapshots");
+            let _ = std::fs::remove_file(&*path);
+            self.copy = None;
+        }
+        if n == 0
+            && let Some((_, path)) = self.copy.take()
+        {
+            let done = path.with_extension("");
+            if let Err(e) = std::fs::rename(&path, &done) {
+                tracing::warn!(path = %path.display(), error = %e, "not caching the RDB for delta snapshots");
+            }
+        }
+        Ok(n)
+    }
 }
 
 fn fail(e: RespError) -> SourceError {
@@ -48,6 +127,150 @@ impl RedisSource {
 
     fn url(&self) -> Result<&RedisUrl, SourceError> {
         self.url.as_ref().ok_or_else(|| SourceError::Failed("--redis-url is required".into()))
+    }
+
+    /// This asset's cache directory (created, mode 0700), or `None` without a usable one.
+    fn cache_for(&self, asset: &str) -> Option<std::path::PathBuf> {
+        let dir = self.cache_dir.as_ref()?.join(asset.replace('/', "_"));
+        let made = std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)));
+        match made {
+            Ok(()) => Some(dir),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "no cache for delta snapshots");
+                None
+            }
+        }
+    }
+
+    /// A local copy of the base RDB, checked against its SHA-256: the cached one, or one
+    /// downloaded from the previous snapshot. `None` (with a warning) makes this backup a
+    /// full one: a delta is an optimisation and never the reason a backup fails.
+    async fn base_copy(&self, sink: &BackupSink, base: &Base) -> Option<std::path::PathBuf> {
+        let dir = self.cache_for(sink.asset())?;
+        let path = dir.join(format!("{}.rdb", base.id));
+        let (want_size, want_sha) = (base.entry.size, base.entry.sha256.clone());
+        let check = path.clone();
+        let cached =
+            tokio::task::spawn_blocking(move || file_matches(&check, want_size, &want_sha)).await.unwrap_or(false);
+        if !cached {
+            let (snapshot, file) = &base.previous;
+            let partial = dir.join(format!("{}.rdb.partial", base.id));
+            let _ = std::fs::remove_file(&partial);
+            let fetched = match sink.reader(snapshot).await {
+                Ok(r) => r.restore_to_path(file, &partial).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = fetched.map_err(SourceError::from).and_then(|()| {
+                std::fs::rename(&partial, &path).map_err(SourceError::io(format!("renaming {}", partial.display())))
+            }) {
+                tracing::warn!(base = %base.id, error = %e, "cannot get the base RDB; taking a full snapshot");
+                let _ = std::fs::remove_file(&partial);
+                return None;
+            }
+            tracing::info!(base = %base.id, path = %path.display(), "downloaded the base RDB for a delta snapshot");
+        }
+        // Only the base in use stays cached (a full snapshot in progress keeps its copy).
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let keep = e.path() == path || e.file_name().to_string_lossy().starts_with(sink.snapshot_id());
+                if !keep {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        Some(path)
+    }
+}
+
+/// A new file readable by its owner only (the cache holds plaintext RDBs).
+fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
+/// True when `path` exists with `size` bytes and SHA-256 `sha256` (hex).
+fn file_matches(path: &Path, size: u64, sha256: &str) -> bool {
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    if f.metadata().map(|m| m.len()).ok() != Some(size) {
+        return false;
+    }
+    let mut h = coffer_common::crypto::FileHasher::default();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match std::io::Read::read(&mut f, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(_) => return false,
+        }
+    }
+    hex::encode(h.finish()) == sha256
+}
+
+/// Writes a snapshot's RDB to the new file `dest`: the RDB itself for a full snapshot; for
+/// a delta, the base and the patch (into hidden files beside `dest`, removed afterwards),
+/// then the patch applied and the result checked against the recorded size and SHA-256.
+pub async fn write_rdb(reader: &SnapshotReader, dest: &Path) -> Result<(), SourceError> {
+    let m = reader.manifest();
+    let Some(delta) = m.source.get("delta") else {
+        return Ok(reader.restore_to_path(RDB_PATH, dest).await?);
+    };
+    let corrupt = |detail: String| SourceError::Failed(format!("snapshot {}: {detail}", m.snapshot));
+    let want_sha = delta.get("rdb_sha256").and_then(Value::as_str).unwrap_or_default().to_string();
+    let want_len = m.source.get("rdb_bytes").and_then(Value::as_u64);
+    let name = dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let beside = |what: &str| dest.with_file_name(format!(".{name}.{what}.partial"));
+    let (base, patch) = (beside("base"), beside("patch"));
+    let cleanup = |also_dest: bool| {
+        let _ = std::fs::remove_file(&base);
+        let _ = std::fs::remove_file(&patch);
+        if also_dest {
+            let _ = std::fs::remove_file(dest);
+        }
+    };
+    let fetched = async {
+        reader.restore_to_path(BASE_PATH, &base).await?;
+        reader.restore_to_path(PATCH_PATH, &patch).await
+    }
+    .await;
+    if let Err(e) = fetched {
+        cleanup(false);
+        return Err(e.into());
+    }
+    let (b, p, d) = (base.clone(), patch.clone(), dest.to_path_buf());
+    let applied = tokio::task::spawn_blocking(move || -> Result<(u64, String), SourceError> {
+        let base = std::fs::File::open(&b).map_err(SourceError::io(format!("opening {}", b.display())))?;
+        let patch = std::fs::File::open(&p).map_err(SourceError::io(format!("opening {}", p.display())))?;
+        let out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&d)
+            .map_err(SourceError::io(format!("creating {}", d.display())))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, out);
+        let got = crate::delta::apply(&base, patch, &mut w).map_err(|e| SourceError::Failed(e.to_string()))?;
+        let out = w.into_inner().map_err(|e| SourceError::io(format!("writing {}", d.display()))(e.into_error()))?;
+        out.sync_all().map_err(SourceError::io(format!("syncing {}", d.display())))?;
+        Ok(got)
+    })
+    .await
+    .map_err(|e| SourceError::Failed(format!("patch thread: {e}")))?;
+    match applied {
+        Ok((len, sha)) if sha == want_sha && want_len.is_none_or(|n| n == len) => {
+            cleanup(false);
+            Ok(())
+        }
+        Ok((len, sha)) => {
+            cleanup(true);
+            Err(corrupt(format!(
+                "the patched RDB is {len} bytes with SHA-256 {sha}, the manifest records {want_len:?} bytes, {want_sha}"
+            )))
+        }
+        Err(e) => {
+            cleanup(true);
+            Err(corrupt(format!("applying the patch: {e}")))
+        }
     }
 }
 
@@ -182,8 +405,48 @@ impl Source for RedisSource {
         })
         .await
         .map_err(|e| SourceError::Failed(format!("redis thread: {e}")))??;
+        let expected_len = match framing {
+            Framing::Length(n) => Some(n),
+            Framing::Eof(_) => None,
+        };
         let (stream, summary) = RdbStream::new(input, framing);
-        sink.add_file(RDB_PATH, stream).await?;
+        let previous = sink.previous().map(|p| p.manifest.clone());
+        let base = match plan_delta(previous.as_ref(), self.full_every) {
+            Some(b) => self.base_copy(sink, &b).await.map(|path| (b, path)),
+            None => None,
+        };
+        let mut delta = None;
+        if let Some((b, path)) = base {
+            let file = std::fs::File::open(&path).map_err(SourceError::io(format!("opening {}", path.display())))?;
+            let (patch, patched) = PatchReader::new(stream, file, expected_len)
+                .map_err(SourceError::io(format!("reading {}", path.display())))?;
+            sink.reuse_file(FileEntry { path: BASE_PATH.into(), ..b.entry.clone() })?;
+            sink.add_file(PATCH_PATH, patch).await?;
+            let p = patched
+                .lock()
+                .expect("patch lock")
+                .clone()
+                .ok_or_else(|| SourceError::Failed("the RDB stream was not read to its end".into()))?;
+            tracing::info!(base = %b.id, chain = b.chain, rdb_bytes = p.rdb_bytes, patch_bytes = p.patch_bytes, "delta snapshot");
+            delta = Some(json!({
+                "base": b.id,
+                "chain": b.chain,
+                "patch_bytes": p.patch_bytes,
+                "rdb_sha256": p.rdb_sha256,
+            }));
+        } else {
+            let copy = self.cache_for(sink.asset()).and_then(|dir| {
+                let path = dir.join(format!("{}.rdb.partial", sink.snapshot_id()));
+                match private_file(&path) {
+                    Ok(f) => Some((f, path)),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "not caching the RDB for delta snapshots");
+                        None
+                    }
+                }
+            });
+            sink.add_file(RDB_PATH, Tee { inner: stream, copy }).await?;
+        }
         // Key counts again: equal before and after means the RDB holds exactly these.
         let url = self.url()?.clone();
         let after = tokio::task::spawn_blocking(move || Conn::open(&url, READ_TIMEOUT).and_then(|mut c| c.info()))
@@ -212,6 +475,9 @@ impl Source for RedisSource {
         meta.insert("rdb_bytes".into(), json!(summary.bytes));
         meta.insert("source".into(), json!(format!("{:?}", self.url()?)));
         meta.insert("method".into(), json!(if self.data_dir.is_some() { "bgsave" } else { "replication" }));
+        if let Some(d) = delta {
+            meta.insert("delta".into(), d);
+        }
         tracing::info!(bytes = summary.bytes, checksum = %summary.checksum, "RDB received and checked");
         Ok(meta)
     }
@@ -226,8 +492,7 @@ impl Source for RedisSource {
         if target.exists() {
             return Err(SourceError::Failed(format!("{} exists; restore into a new file", target.display())));
         }
-        reader.restore_to_path(RDB_PATH, target).await?;
-        Ok(())
+        write_rdb(reader, target).await
     }
 
     async fn verify(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {
@@ -296,9 +561,9 @@ async fn restore_into_server(
         )));
     }
     let dir = crate::drill::TempServer::dir()?;
-    if let Err(e) = reader.restore_to_path(RDB_PATH, &dir.join("dump.rdb")).await {
+    if let Err(e) = write_rdb(reader, &dir.join("dump.rdb")).await {
         let _ = std::fs::remove_dir_all(&dir);
-        return Err(e.into());
+        return Err(e);
     }
     let (target, bin) = (url.clone(), redis_server.to_string());
     tokio::task::spawn_blocking(move || -> Result<(), SourceError> {

@@ -214,6 +214,13 @@ impl BackupSink {
         &self.coord
     }
 
+    /// Opens an earlier snapshot of this asset for reading (quietly), for sources that
+    /// build on one: a delta needs its base's content.
+    pub async fn reader(&self, snapshot: &str) -> Result<super::SnapshotReader, ClientError> {
+        let opts = super::restore::RestoreOptions { quiet: true, ..Default::default() };
+        super::SnapshotReader::open_with_cipher(&self.coord, self.cipher.clone(), &self.asset, snapshot, opts).await
+    }
+
     /// The asset's newest snapshot before this one, for incremental sources.
     pub fn previous(&self) -> Option<&SignedManifest> {
         self.previous.as_ref()
