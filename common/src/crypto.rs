@@ -186,7 +186,16 @@ impl ChunkCipher {
         out.set_position(PREFIX_LEN as u64);
         let compressed = COMPRESSOR.with(|c| {
             let mut c = c.borrow_mut();
-            if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            // Switching levels reuses the context (sources mix levels chunk by chunk).
+            if let Some((l, z)) = c.as_mut()
+                && *l != level
+            {
+                *l = level;
+                if z.set_compression_level(level).is_err() {
+                    *c = None;
+                }
+            }
+            if c.is_none() {
                 *c = zstd::bulk::Compressor::new(level).ok().map(|z| (level, z));
             }
             match c.as_mut() {

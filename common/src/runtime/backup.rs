@@ -70,7 +70,13 @@ pub struct PipelineOptions {
     pub fetch_previous: bool,
     /// zstd level chunks are compressed at.
     pub zstd_level: i32,
+    /// The source's choice of level per chunk, given the chunk and `zstd_level`
+    /// ([`crate::runtime::Source::chunk_level`]).
+    pub chunk_level: Option<ChunkLevel>,
 }
+
+/// Picks a chunk's zstd level from its plaintext and the backup's level.
+pub type ChunkLevel = fn(&[u8], i32) -> i32;
 
 impl Default for PipelineOptions {
     fn default() -> Self {
@@ -81,6 +87,7 @@ impl Default for PipelineOptions {
             job_id: String::new(),
             fetch_previous: true,
             zstd_level: crate::crypto::DEFAULT_ZSTD_LEVEL,
+            chunk_level: None,
         }
     }
 }
@@ -177,7 +184,10 @@ impl BackupSink {
                 )
                 .in_current_span(),
             ),
-            tokio::spawn(seal_stage(cipher.clone(), seal_rx, up_tx, opts.workers, opts.zstd_level).in_current_span()),
+            tokio::spawn(
+                seal_stage(cipher.clone(), seal_rx, up_tx, opts.workers, (opts.zstd_level, opts.chunk_level))
+                    .in_current_span(),
+            ),
             tokio::spawn(upload_stage(coord.clone(), begun.snapshot_id.clone(), up_rx).in_current_span()),
         ];
         tracing::info!(asset, snapshot = %begun.snapshot_id, incremental_from = previous.as_ref().map(|p| p.info.id.as_str()), "backup started");
@@ -724,11 +734,12 @@ async fn seal_stage(
     rx: mpsc::Receiver<Pending>,
     tx: mpsc::Sender<Sealed>,
     workers: usize,
-    level: i32,
+    (level, chunk_level): (i32, Option<ChunkLevel>),
 ) -> Result<(), ClientError> {
     let mut sealed = ReceiverStream::new(rx)
         .map(|p| {
             let cipher = cipher.clone();
+            let level = chunk_level.map_or(level, |f| f(&p.chunk, level));
             tokio::task::spawn_blocking(move || Sealed {
                 data: cipher.seal_level(&p.id, &p.chunk, level),
                 id: p.id,

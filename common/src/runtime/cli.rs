@@ -248,6 +248,8 @@ async fn backup_inner<S: Source>(ctx: &AgentContext, source: &S, job_id: &str) -
     let opts = PipelineOptions {
         job_id: job_id.to_string(),
         zstd_level: ctx.args.compression_level.unwrap_or(source.compression_level()),
+        // An explicit --compression-level applies to every chunk.
+        chunk_level: if ctx.args.compression_level.is_some() { None } else { source.chunk_level() },
         ..ctx.args.pipeline()
     };
     let mut sink = BackupSink::begin(&ctx.coord, &ctx.keyring, &ctx.asset, source.kind(), opts).await?;

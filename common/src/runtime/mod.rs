@@ -72,6 +72,12 @@ pub trait Source: Send + Sync {
         crate::crypto::DEFAULT_ZSTD_LEVEL
     }
 
+    /// A per-chunk refinement of [`Source::compression_level`]: given a chunk's plaintext and
+    /// that level, the level for this chunk (`--compression-level` overrides it too).
+    fn chunk_level(&self) -> Option<backup::ChunkLevel> {
+        None
+    }
+
     /// Checks that the source is reachable and describes it.
     fn probe(&self) -> impl Future<Output = Result<Probe, SourceError>> + Send;
 

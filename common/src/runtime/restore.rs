@@ -115,7 +115,7 @@ impl SnapshotReader {
         self.restore_files(&[(path.to_string(), dest.to_path_buf())]).await
     }
 
-    /// Restores many files into new files, keeping one download window across file
+    /// Restores many files into new files, in lanes whose download windows cross file
     /// boundaries; each file is checked against its SHA-256 and fsynced (in the background,
     /// all before this returns).
     pub async fn restore_files(&self, files: &[(String, PathBuf)]) -> Result<(), ClientError> {
@@ -518,6 +518,20 @@ fn batch_refs(refs: &[ChunkRef], bytes: usize) -> Vec<Vec<ChunkRef>> {
 mod tests {
     use super::*;
     use crate::crypto::ChunkId;
+
+    #[test]
+    fn lanes_balance_bytes_and_keep_manifest_order() {
+        let entry = |size: u64| FileEntry { path: format!("f{size}"), size, sha256: String::new(), chunks: Vec::new() };
+        let files: Vec<FileEntry> = [10_000, 7_000_000, 20_000, 30_000, 0, 40_000].into_iter().map(entry).collect();
+        let lanes = assign_lanes(&files, 2);
+        // The big file alone; the rest together, in manifest order.
+        assert_eq!(lanes, vec![vec![1], vec![0, 2, 3, 4, 5]]);
+        let mut all: Vec<usize> = assign_lanes(&files, 4).concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..files.len()).collect::<Vec<_>>(), "every file in exactly one lane");
+        assert_eq!(assign_lanes(&files[..1], 4), vec![vec![0]], "no empty lanes");
+        assert_eq!(assign_lanes(&[], 4), vec![Vec::<usize>::new()], "one empty lane for no files");
+    }
 
     #[test]
     fn batches_cover_all_refs_in_order() {
