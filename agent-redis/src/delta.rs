@@ -108,17 +108,8 @@ impl<R: Read> PatchReader<R> {
 
     /// Reads the next segment and encodes it into `out`; false at the end of the input.
     fn next_frame(&mut self) -> io::Result<bool> {
-        self.segment.clear();
-        let mut filled = 0;
         self.segment.resize(SEGMENT, 0);
-        while filled < SEGMENT {
-            match self.input.read(&mut self.segment[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let filled = read_full(&mut self.input, &mut self.segment)?;
         self.segment.truncate(filled);
         if filled == 0 {
             return Ok(false);
@@ -256,18 +247,7 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn pseudo(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use coffer_testkit::random_bytes;
 
     fn patch_of(base: &[u8], new: &[u8], known_len: bool) -> (Vec<u8>, PatchSummary, tempfile::NamedTempFile) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -283,13 +263,13 @@ mod tests {
 
     #[test]
     fn small_changes_make_a_small_patch_that_rebuilds_the_new_file() {
-        let base = pseudo(20 << 20, 7);
+        let base = random_bytes(20 << 20, 7);
         let mut new = base.clone();
         // Scattered edits, one insertion and one deletion: offsets drift both ways.
         for i in (1000..new.len()).step_by(1 << 20) {
-            new[i..i + 64].copy_from_slice(&pseudo(64, i as u64));
+            new[i..i + 64].copy_from_slice(&random_bytes(64, i as u64));
         }
-        new.splice(5 << 20..5 << 20, pseudo(3000, 1));
+        new.splice(5 << 20..5 << 20, random_bytes(3000, 1));
         new.drain(12 << 20..(12 << 20) + 5000);
         for known in [true, false] {
             let (patch, summary, f) = patch_of(&base, &new, known);
@@ -301,16 +281,14 @@ mod tests {
             assert_eq!(out, new);
             assert_eq!(n, new.len() as u64);
             assert_eq!(sha, summary.rdb_sha256);
-            let mut h = FileHasher::default();
-            h.update(&new);
-            assert_eq!(sha, hex::encode(h.finish()));
+            assert_eq!(sha, hex::encode(coffer_common::crypto::sha256(&new)));
         }
     }
 
     #[test]
     fn unrelated_data_still_round_trips() {
-        let base = pseudo(3 << 20, 1);
-        let new = pseudo(9 << 20, 2);
+        let base = random_bytes(3 << 20, 1);
+        let new = random_bytes(9 << 20, 2);
         let (patch, _, f) = patch_of(&base, &new, true);
         let mut out = Vec::new();
         apply(&f.reopen().unwrap(), io::Cursor::new(&patch), &mut out).unwrap();
@@ -325,7 +303,7 @@ mod tests {
 
     #[test]
     fn damaged_patches_and_wrong_bases_are_errors() {
-        let base = pseudo(2 << 20, 3);
+        let base = random_bytes(2 << 20, 3);
         let mut new = base.clone();
         new[100..200].fill(0);
         let (patch, _, f) = patch_of(&base, &new, true);
@@ -341,9 +319,7 @@ mod tests {
         let e = apply(&file, io::Cursor::new(flipped), &mut Vec::new());
         // A flipped frame byte is a zstd error or wrong output (caught by the caller's SHA-256).
         if let Ok((_, sha)) = e {
-            let mut h = FileHasher::default();
-            h.update(&new);
-            assert_ne!(sha, hex::encode(h.finish()));
+            assert_ne!(sha, hex::encode(coffer_common::crypto::sha256(&new)));
         }
         // A base shorter than the patch refers to.
         let short = tempfile::NamedTempFile::new().unwrap();

@@ -193,20 +193,9 @@ fn private_file(path: &Path) -> std::io::Result<std::fs::File> {
 
 /// True when `path` exists with `size` bytes and SHA-256 `sha256` (hex).
 fn file_matches(path: &Path, size: u64, sha256: &str) -> bool {
-    let Ok(mut f) = std::fs::File::open(path) else { return false };
-    if f.metadata().map(|m| m.len()).ok() != Some(size) {
-        return false;
-    }
-    let mut h = coffer_common::crypto::FileHasher::default();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match std::io::Read::read(&mut f, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => h.update(&buf[..n]),
-            Err(_) => return false,
-        }
-    }
-    hex::encode(h.finish()) == sha256
+    // The size first: a stale or partial copy is not worth hashing.
+    std::fs::metadata(path).is_ok_and(|m| m.len() == size)
+        && coffer_common::crypto::sha256_file(path).is_ok_and(|(d, n)| n == size && hex::encode(d) == sha256)
 }
 
 /// Writes a snapshot's RDB to the new file `dest`: the RDB itself for a full snapshot; for

@@ -264,12 +264,19 @@ impl SnapshotReader {
             }
             walk.end(total, &mut fresh, &mut check)
         });
-        let jobs_files = files.clone();
-        let write_files = files.clone();
-        let mut open = move |j: usize| open(write_files[j]);
-        let close_files = files.clone();
-        let mut finish = move |j: usize, w: W| finish(close_files[j], w);
+        // Download jobs in lane order: (lane index, manifest index, offset, chunks).
+        let mut jobs: Vec<(usize, usize, u64, Vec<ChunkRef>)> = Vec::new();
+        for (j, &i) in files.iter().enumerate() {
+            let mut offset = 0u64;
+            for b in batch_refs(&entries[i].chunks, self.opts.batch_bytes) {
+                let len: u64 = b.iter().map(|r| u64::from(r.1)).sum();
+                jobs.push((j, i, offset, b));
+                offset += len;
+            }
+        }
         let writer_task = tokio::task::spawn_blocking(move || {
+            let mut open = |j: usize| open(files[j]);
+            let mut finish = |j: usize, w: W| finish(files[j], w);
             let mut walk = Walk::default();
             while let Some((j, (mut extent, permit))) = rx.blocking_recv() {
                 let w = walk.at(j, &mut open, &mut finish)?;
@@ -283,18 +290,9 @@ impl SnapshotReader {
             walk.end(total, &mut open, &mut finish)
         });
 
-        let mut jobs: Vec<(usize, u64, Vec<ChunkRef>)> = Vec::new();
-        for (j, &i) in jobs_files.iter().enumerate() {
-            let mut offset = 0u64;
-            for b in batch_refs(&entries[i].chunks, self.opts.batch_bytes) {
-                let len: u64 = b.iter().map(|r| u64::from(r.1)).sum();
-                jobs.push((j, offset, b));
-                offset += len;
-            }
-        }
         let mut fetched = futures::stream::iter(jobs)
-            .map(|(j, offset, b)| {
-                let entry = &entries[jobs_files[j]];
+            .map(|(j, i, offset, b)| {
+                let entry = &entries[i];
                 let pool = pool.clone();
                 let budget = budget.clone();
                 async move {
