@@ -769,5 +769,8 @@ fn with_auto_repair_the_verify_job_replaces_a_rotten_local_pack_from_the_copy() 
     kit::wait_for("the rotten pack replaced from s3", Duration::from_secs(60), || {
         (std::fs::read(&pack).ok()? == good).then_some(())
     });
-    assert!(coord.logs().contains("local pack repaired"), "{}", coord.logs());
+    // The repair is logged just after the good pack is renamed into place.
+    kit::wait_for("the repair logged", Duration::from_secs(10), || {
+        coord.logs().contains("local pack repaired").then_some(())
+    });
 }

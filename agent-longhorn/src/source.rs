@@ -279,9 +279,10 @@ impl Source for BlockSource {
         self.restore_blocks(reader, target).await
     }
 
-    /// After a restore: every block was already checked against its chunk id and SHA-256 as
-    /// it was written, and holes are zeros of a fresh sparse file (or were zeroed), so this
-    /// checks the size and reports the allocation. The drill re-reads the whole volume.
+    /// After a restore: every block was already authenticated under its chunk id (AES-GCM
+    /// with a key derived from the id the signed manifest names) as it was written, and
+    /// holes are zeros of a fresh sparse file (or were zeroed), so this checks the size and
+    /// reports the allocation. The drill re-reads the whole volume.
     async fn verify(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {
         let size = manifest_size(manifest)?;
         let mut f = File::open(target).map_err(SourceError::io(format!("opening {}", target.display())))?;
@@ -289,7 +290,7 @@ impl Source for BlockSource {
         let mut r = VerifyReport { ok: got == size, ..Default::default() };
         if r.ok {
             r.checks.push(format!(
-                "{} bytes, {} data block(s) each matched its chunk id and SHA-256",
+                "{} bytes, {} data block(s) each authenticated under its chunk id",
                 size,
                 manifest.files.len()
             ));

@@ -186,6 +186,8 @@ async fn many_files_restore_in_order_across_batches() {
         ("dir/small".into(), b"small".to_vec()),
         ("dir/also-empty".into(), vec![]),
         ("last".into(), (0..700_000u32).map(|i| (i % 13) as u8).collect()),
+        // The same chunks as "big": downloaded once, copied from the repeat cache.
+        ("copy-of-big".into(), (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect()),
     ];
     // Streamed two at a time; the manifest keeps the given order.
     sink.add_files(files.iter().map(|(p, d)| (p.clone(), std::io::Cursor::new(d.clone()))).collect()).await.unwrap();
@@ -203,6 +205,7 @@ async fn many_files_restore_in_order_across_batches() {
         batch_bytes: 200_000,
         lanes: 2,
         memory_budget: 1 << 20,
+        repeat_cache: 8 << 20,
         quiet: true,
     };
     let reader = coffer_common::runtime::SnapshotReader::open(&coord, &keyring, "git/a", "latest", opts).await.unwrap();
@@ -212,6 +215,21 @@ async fn many_files_restore_in_order_across_batches() {
     for (p, d) in &files {
         assert_eq!(&std::fs::read(out.path().join(p)).unwrap(), d, "{p}");
     }
+    // One lane, one batch at a time: every chunk of the copy was kept when "big" was
+    // restored (two lanes may both fetch a chunk before either has kept it).
+    let opts = coffer_common::runtime::restore::RestoreOptions {
+        parallel: 1,
+        lanes: 1,
+        repeat_cache: 8 << 20,
+        quiet: true,
+        ..Default::default()
+    };
+    let serial = coffer_common::runtime::SnapshotReader::open(&coord, &keyring, "git/a", "latest", opts).await.unwrap();
+    let out3 = tempfile::tempdir().unwrap();
+    let both = ["big", "copy-of-big"].map(|p| (p.to_string(), out3.path().join(p)));
+    serial.restore_files(&both).await.unwrap();
+    assert!(serial.reused_bytes() >= 3_000_000, "reused {} bytes", serial.reused_bytes());
+    assert_eq!(std::fs::read(out3.path().join("copy-of-big")).unwrap(), files[5].1);
     // A signed manifest whose file hash does not match the chunks: restore refuses it.
     let good = coord.manifest("git/a", "latest").await.unwrap().unwrap();
     let mut raw = raw_agent(&s, "agent-git-1");
@@ -228,6 +246,7 @@ async fn many_files_restore_in_order_across_batches() {
         batch_bytes: 200_000,
         lanes: 1,
         memory_budget: 8 << 20,
+        repeat_cache: 0,
         quiet: true,
     };
     let lying =

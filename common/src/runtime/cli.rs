@@ -288,8 +288,12 @@ async fn restore_inner<S: Source>(ctx: &AgentContext, source: &S, snapshot: &str
         ))
         .into());
     }
+    let reused = match reader.reused_bytes() {
+        0 => String::new(),
+        n => format!(", {} copied from chunks already downloaded", format_size(n)),
+    };
     println!(
-        "restored snapshot {} of {} to {} ({} in {:.1}s, {:.0} MB/s), verified",
+        "restored snapshot {} of {} to {} ({} in {:.1}s, {:.0} MB/s{reused}), verified",
         reader.manifest().snapshot,
         ctx.asset,
         to.display(),

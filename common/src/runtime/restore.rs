@@ -2,10 +2,11 @@
 //! blocking threads, reassembled in order, and every file's SHA-256 is compared with the
 //! signed manifest before the restore is reported good.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use coffer_proto::v1 as pb;
@@ -15,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use super::client::{ClientError, Coordinator, SignedManifest};
 use super::direct::{Extent, ExtentPool, ExtentSink, Plain, RestoreFile};
 use super::progress::Progress;
-use crate::crypto::{ChunkCipher, FileHasher};
+use crate::crypto::{ChunkCipher, ChunkId, FileHasher};
 use crate::keyring::Keyring;
 use crate::manifest::{ChunkRef, FileEntry, Manifest};
 
@@ -30,12 +31,22 @@ pub struct RestoreOptions {
     /// Plaintext bytes of batches in flight (downloading, decrypted, being written or
     /// hashed) over all lanes together.
     pub memory_budget: usize,
+    /// Plaintext bytes kept of chunks the restore needs again (a volume's repeated blocks,
+    /// a file stored twice): each is downloaded and decrypted once, then copied.
+    pub repeat_cache: usize,
     pub quiet: bool,
 }
 
 impl Default for RestoreOptions {
     fn default() -> Self {
-        RestoreOptions { parallel: 4, batch_bytes: 4 << 20, lanes: 4, memory_budget: 48 << 20, quiet: false }
+        RestoreOptions {
+            parallel: 4,
+            batch_bytes: 4 << 20,
+            lanes: 4,
+            memory_budget: 48 << 20,
+            repeat_cache: 16 << 20,
+            quiet: false,
+        }
     }
 }
 
@@ -58,6 +69,8 @@ pub struct SnapshotReader {
     signed: SignedManifest,
     opts: RestoreOptions,
     progress: Progress,
+    /// Plaintext bytes copied from the repeat cache instead of downloaded.
+    reused: Arc<AtomicU64>,
 }
 
 impl SnapshotReader {
@@ -91,6 +104,7 @@ impl SnapshotReader {
             signed,
             opts,
             progress: Progress::start("restore", Some(total), opts.quiet),
+            reused: Arc::default(),
         })
     }
 
@@ -104,6 +118,12 @@ impl SnapshotReader {
 
     pub fn progress(&self) -> &Progress {
         &self.progress
+    }
+
+    /// Plaintext bytes restored so far from chunks already downloaded for an earlier
+    /// occurrence (see [`RestoreOptions::repeat_cache`]).
+    pub fn reused_bytes(&self) -> u64 {
+        self.reused.load(Ordering::Relaxed)
     }
 
     fn corrupt(&self, detail: String) -> ClientError {
@@ -188,11 +208,11 @@ impl SnapshotReader {
             .iter()
             .map(|p| self.manifest().file(p).cloned().ok_or_else(|| self.corrupt(format!("has no file {p:?}"))))
             .collect::<Result<_, _>>()?;
-        let entries = Arc::new(entries);
         let open = Arc::new(Mutex::new(open));
         let finish = Arc::new(Mutex::new(finish));
         let shared = Lanes {
-            entries,
+            repeats: Arc::new(RepeatCache::new(&entries, self.opts.repeat_cache)),
+            entries: Arc::new(entries),
             check_files,
             stop: AtomicBool::new(false),
             budget: Arc::new(Semaphore::new(self.budget_permits())),
@@ -223,7 +243,7 @@ impl SnapshotReader {
         O: FnMut(usize) -> Result<W, ClientError> + Send + 'static,
         F: FnMut(usize, W) -> Result<(), ClientError> + Send + 'static,
     {
-        let Lanes { entries, check_files, stop, budget, pool } = shared;
+        let Lanes { entries, check_files, stop, budget, pool, repeats } = shared;
         let check_files = *check_files;
         // Inside the lane, files are numbered 0..files.len(); `files[j]` is the caller's index.
         let files = Arc::new(files);
@@ -295,6 +315,7 @@ impl SnapshotReader {
                 let entry = &entries[i];
                 let pool = pool.clone();
                 let budget = budget.clone();
+                let repeats = repeats.clone();
                 async move {
                     let len: u64 = b.iter().map(|r| u64::from(r.1)).sum();
                     let want = (len as usize).clamp(1, self.budget_permits()) as u32;
@@ -302,7 +323,7 @@ impl SnapshotReader {
                         .acquire_many_owned(want)
                         .await
                         .map_err(|_| ClientError::Protocol("restore budget closed".into()))?;
-                    self.fetch_batch(entry, offset, b, pool).await.map(|v| (j, (v, permit)))
+                    self.fetch_batch(entry, offset, b, pool, repeats).await.map(|v| (j, (v, permit)))
                 }
             })
             .buffered(self.opts.parallel);
@@ -344,18 +365,77 @@ impl SnapshotReader {
     }
 
     /// Downloads one batch of a file's chunks (starting at plaintext offset `offset`) and
-    /// decrypts each into its place in one extent.
+    /// decrypts each into its place in one extent; chunks held by `repeats` are copied
+    /// from there instead, and chunks needed again later are offered to it.
     async fn fetch_batch(
         &self,
         entry: &FileEntry,
         offset: u64,
         refs: Vec<ChunkRef>,
         pool: Arc<ExtentPool>,
+        repeats: Arc<RepeatCache>,
     ) -> Result<Extent, ClientError> {
-        let ids: Vec<Vec<u8>> = refs.iter().map(|r| r.0.0.to_vec()).collect();
+        let held: Vec<Option<Arc<[u8]>>> = refs.iter().map(|r| repeats.take(&r.0)).collect();
+        let ids: Vec<Vec<u8>> =
+            refs.iter().zip(&held).filter(|(_, h)| h.is_none()).map(|(r, _)| r.0.0.to_vec()).collect();
+        let wanted = ids.len();
+        let frames = if ids.is_empty() { Vec::new() } else { self.download(entry, ids).await? };
+        if frames.len() != wanted {
+            return Err(ClientError::Protocol(format!("asked for {wanted} chunks, got {}", frames.len())));
+        }
+        let cipher = self.cipher.clone();
+        let snapshot = self.signed.info.id.clone();
+        let path = entry.path.clone();
+        let reused = self.reused.clone();
+        tokio::task::spawn_blocking(move || {
+            let len: u64 = refs.iter().map(|r| u64::from(r.1)).sum();
+            let mut extent = pool.extent(offset, len as usize);
+            let out = extent.data_mut();
+            let mut at = 0usize;
+            let mut frames = frames.into_iter();
+            let corrupt = |detail: String| ClientError::Corrupt { snapshot: snapshot.clone(), detail };
+            for (r, h) in refs.iter().zip(held) {
+                let end = at + r.1 as usize;
+                let dst = &mut out[at..end];
+                match h {
+                    Some(plain) if plain.len() == dst.len() => {
+                        dst.copy_from_slice(&plain);
+                        reused.fetch_add(plain.len() as u64, Ordering::Relaxed);
+                    }
+                    Some(plain) => {
+                        return Err(corrupt(format!(
+                            "file {path:?}: chunk {} is {} bytes here and {} bytes elsewhere in the manifest",
+                            r.0,
+                            r.1,
+                            plain.len()
+                        )));
+                    }
+                    None => {
+                        let f = frames.next().expect("one frame per chunk not held (counted above)");
+                        if f.id != r.0.0 {
+                            return Err(ClientError::Protocol(format!("chunk {} arrived out of order", r.0)));
+                        }
+                        cipher.open_into(&r.0, &f.data, dst).map_err(|e| corrupt(format!("file {path:?}: {e}")))?;
+                        repeats.offer(&r.0, dst);
+                    }
+                }
+                at = end;
+            }
+            Ok(extent)
+        })
+        .await
+        .map_err(|e| ClientError::Protocol(format!("decrypt worker: {e}")))?
+    }
+
+    /// One DownloadChunks call (retried when transient) for the stored chunks `ids` of
+    /// `entry`'s batch.
+    async fn download(
+        &self,
+        entry: &FileEntry,
+        ids: Vec<Vec<u8>>,
+    ) -> Result<Vec<pb::DownloadChunksResponse>, ClientError> {
         let asset = self.manifest().asset.clone();
-        let frames = self
-            .coord
+        self.coord
             .retry
             .run("DownloadChunks", || {
                 let mut c = self.coord.raw();
@@ -376,33 +456,7 @@ impl SnapshotReader {
                     self.corrupt(format!("file {:?}: {}", entry.path, status.message()))
                 }
                 _ => ClientError::Rpc { call: "DownloadChunks", status },
-            })?;
-        if frames.len() != refs.len() {
-            return Err(ClientError::Protocol(format!("asked for {} chunks, got {}", refs.len(), frames.len())));
-        }
-        let cipher = self.cipher.clone();
-        let snapshot = self.signed.info.id.clone();
-        let path = entry.path.clone();
-        tokio::task::spawn_blocking(move || {
-            let len: u64 = refs.iter().map(|r| u64::from(r.1)).sum();
-            let mut extent = pool.extent(offset, len as usize);
-            let out = extent.data_mut();
-            let mut at = 0usize;
-            for (r, f) in refs.iter().zip(frames) {
-                if f.id != r.0.0 {
-                    return Err(ClientError::Protocol(format!("chunk {} arrived out of order", r.0)));
-                }
-                let end = at + r.1 as usize;
-                cipher.open_into(&r.0, &f.data, &mut out[at..end]).map_err(|e| ClientError::Corrupt {
-                    snapshot: snapshot.clone(),
-                    detail: format!("file {path:?}: {e}"),
-                })?;
-                at = end;
-            }
-            Ok(extent)
-        })
-        .await
-        .map_err(|e| ClientError::Protocol(format!("decrypt worker: {e}")))?
+            })
     }
 
     pub fn finish(&self) {
@@ -465,6 +519,64 @@ struct Lanes {
     /// The memory budget, one permit per plaintext byte in flight.
     budget: Arc<Semaphore>,
     pool: Arc<ExtentPool>,
+    repeats: Arc<RepeatCache>,
+}
+
+/// Decrypted chunks the restore needs again. A chunk that occurs more than once in the
+/// restore is kept after its first download (while the cache has room) until its last
+/// occurrence has been served; every occurrence, served from here or not, counts down.
+/// What it holds was authenticated under its id when it was decrypted.
+struct RepeatCache {
+    limit: usize,
+    state: Mutex<RepeatState>,
+}
+
+#[derive(Default)]
+struct RepeatState {
+    /// Occurrences still to be served, for chunks that occur more than once.
+    left: HashMap<ChunkId, u32>,
+    held: HashMap<ChunkId, Arc<[u8]>>,
+    bytes: usize,
+}
+
+impl RepeatCache {
+    fn new(entries: &[FileEntry], limit: usize) -> RepeatCache {
+        let mut state = RepeatState::default();
+        if limit > 0 {
+            // Sorting a copy of the ids finds the repeats without a map of every chunk.
+            let mut ids: Vec<ChunkId> = entries.iter().flat_map(|e| e.chunks.iter().map(|r| r.0)).collect();
+            ids.sort_unstable();
+            for run in ids.chunk_by(|a, b| a == b).filter(|run| run.len() > 1) {
+                state.left.insert(run[0], u32::try_from(run.len()).unwrap_or(u32::MAX));
+            }
+        }
+        RepeatCache { limit, state: Mutex::new(state) }
+    }
+
+    /// Counts one occurrence of `id` and returns its plaintext when held.
+    fn take(&self, id: &ChunkId) -> Option<Arc<[u8]>> {
+        let mut s = self.state.lock().expect("repeat cache lock");
+        let left = s.left.get_mut(id)?;
+        *left -= 1;
+        if *left > 0 {
+            return s.held.get(id).cloned();
+        }
+        s.left.remove(id);
+        let data = s.held.remove(id)?;
+        s.bytes -= data.len();
+        Some(data)
+    }
+
+    /// Keeps a copy of `plain`, just decrypted for one occurrence of `id`, while later
+    /// occurrences need it and it fits.
+    fn offer(&self, id: &ChunkId, plain: &[u8]) {
+        let mut s = self.state.lock().expect("repeat cache lock");
+        if !s.left.contains_key(id) || s.held.contains_key(id) || s.bytes + plain.len() > self.limit {
+            return;
+        }
+        s.bytes += plain.len();
+        s.held.insert(*id, Arc::from(plain));
+    }
 }
 
 /// A decrypted batch and its share of the restore's memory budget, released once hashed.
@@ -515,7 +627,6 @@ fn batch_refs(refs: &[ChunkRef], bytes: usize) -> Vec<Vec<ChunkRef>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crypto::ChunkId;
 
     #[test]
     fn lanes_balance_bytes_and_keep_manifest_order() {
@@ -529,6 +640,35 @@ mod tests {
         assert_eq!(all, (0..files.len()).collect::<Vec<_>>(), "every file in exactly one lane");
         assert_eq!(assign_lanes(&files[..1], 4), vec![vec![0]], "no empty lanes");
         assert_eq!(assign_lanes(&[], 4), vec![Vec::<usize>::new()], "one empty lane for no files");
+    }
+
+    #[test]
+    fn repeat_cache_serves_repeats_until_their_last_use() {
+        let (a, b, once) = (ChunkId([1; 32]), ChunkId([2; 32]), ChunkId([3; 32]));
+        let entry = |refs: &[ChunkId]| FileEntry {
+            path: String::new(),
+            size: 0,
+            sha256: String::new(),
+            chunks: refs.iter().map(|&id| ChunkRef(id, 4)).collect(),
+        };
+        // `a` three times, `b` twice (across files), `once` once.
+        let files = [entry(&[a, once, b]), entry(&[a, b, a])];
+        let cache = RepeatCache::new(&files, 6);
+        assert!(cache.take(&once).is_none());
+        cache.offer(&once, b"nope");
+        assert!(cache.state.lock().unwrap().held.is_empty(), "a chunk used once is not kept");
+        assert!(cache.take(&a).is_none(), "first use: not held yet");
+        cache.offer(&a, b"aaaa");
+        assert!(cache.take(&b).is_none());
+        cache.offer(&b, b"bbbb");
+        assert!(!cache.state.lock().unwrap().held.contains_key(&b), "over the byte limit: not kept");
+        assert_eq!(cache.take(&a).as_deref(), Some(&b"aaaa"[..]));
+        assert!(cache.take(&b).is_none(), "second use of b, which did not fit");
+        assert_eq!(cache.take(&a).as_deref(), Some(&b"aaaa"[..]), "last use");
+        let s = cache.state.lock().unwrap();
+        assert!(s.held.is_empty() && s.left.is_empty() && s.bytes == 0, "everything released after its last use");
+        drop(s);
+        assert!(RepeatCache::new(&files, 0).state.lock().unwrap().left.is_empty(), "a zero limit keeps nothing");
     }
 
     #[test]
