@@ -112,10 +112,14 @@ pub struct RestoreFile {
 }
 
 impl RestoreFile {
-    /// Creates (or truncates) `path`, direct if the filesystem allows it.
-    pub fn create(path: &Path) -> io::Result<RestoreFile> {
+    /// Creates (or truncates) `path`; with `direct`, opened `O_DIRECT` if the filesystem
+    /// allows it.
+    pub fn create(path: &Path, direct: bool) -> io::Result<RestoreFile> {
         let mut opts = OpenOptions::new();
         opts.write(true).create(true).truncate(true);
+        if !direct {
+            return Ok(RestoreFile::new(opts.open(path)?, false));
+        }
         match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
             Ok(f) => Ok(RestoreFile::new(f, true)),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(RestoreFile::new(opts.open(path)?, false)),
@@ -241,7 +245,7 @@ mod tests {
         ] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("f");
-            let (file, expected) = write_pieces(RestoreFile::create(&path).unwrap(), sizes);
+            let (file, expected) = write_pieces(RestoreFile::create(&path, true).unwrap(), sizes);
             file.sync_all().unwrap();
             let got = std::fs::read(&path).unwrap();
             assert_eq!(got.len(), expected.len(), "length for sizes {sizes:?}");
@@ -253,15 +257,16 @@ mod tests {
     fn buffered_mode_writes_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&path).unwrap();
-        let (_, expected) = write_pieces(RestoreFile::new(file, false), &[5000, 4 << 20, 123]);
+        let file = RestoreFile::create(&path, false).unwrap();
+        assert!(!file.direct, "asked for buffered writes");
+        let (_, expected) = write_pieces(file, &[5000, 4 << 20, 123]);
         assert!(std::fs::read(&path).unwrap() == expected);
     }
 
     #[test]
     fn an_extent_out_of_order_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut f = RestoreFile::create(&dir.path().join("f")).unwrap();
+        let mut f = RestoreFile::create(&dir.path().join("f"), true).unwrap();
         let pool = Arc::new(ExtentPool::default());
         let err = f.write_extent(&mut pool.extent(10, 5)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
