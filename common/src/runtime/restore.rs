@@ -501,10 +501,12 @@ fn filesystems<'a>(dests: impl Iterator<Item = &'a Path>) -> Result<Vec<(PathBuf
         let meta = loop {
             match std::fs::metadata(&dir) {
                 Ok(m) => break m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => match dir.parent() {
-                    Some(p) if !p.as_os_str().is_empty() => dir = p.to_path_buf(),
-                    _ => dir = PathBuf::from("."),
-                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != Path::new(".") => {
+                    dir = match dir.parent() {
+                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                        _ => PathBuf::from("."),
+                    }
+                }
                 Err(source) => {
                     return Err(ClientError::Io { context: format!("inspecting {}", dir.display()), source });
                 }
@@ -719,6 +721,16 @@ mod tests {
         assert!(s.held.is_empty() && s.left.is_empty() && s.bytes == 0, "everything released after its last use");
         drop(s);
         assert!(RepeatCache::new(&files, 0).state.lock().unwrap().left.is_empty(), "a zero limit keeps nothing");
+    }
+
+    #[test]
+    fn one_sync_handle_per_filesystem_from_the_nearest_existing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let dests = [dir.path().join("new/deeper/f1"), dir.path().join("new/deeper/f2"), dir.path().join("f3")];
+        let fs = filesystems(dests.iter().map(PathBuf::as_path)).unwrap();
+        assert_eq!(fs.len(), 1, "one filesystem");
+        assert_eq!(fs[0].0, dir.path().join("new/deeper").ancestors().find(|p| p.exists()).unwrap());
+        rustix::fs::syncfs(&fs[0].1).unwrap();
     }
 
     #[test]
