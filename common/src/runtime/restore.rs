@@ -147,7 +147,9 @@ impl SnapshotReader {
                 .await
                 .map_err(|e| ClientError::Protocol(format!("sync thread: {e}")))??
         };
-        let sizes: Vec<u64> = files.iter().map(|(p, _)| self.manifest().file(p).map_or(0, |e| e.size)).collect();
+        let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+        let entries = self.entries(&paths)?;
+        let sizes: Vec<u64> = entries.iter().map(|e| e.size).collect();
         let io = |context: String| move |source| ClientError::Io { context, source };
         let open = {
             let dests = dests.clone();
@@ -162,8 +164,7 @@ impl SnapshotReader {
         let finish = move |i: usize, f: RestoreFile| -> Result<(), ClientError> {
             f.finish().map(drop).map_err(io(format!("writing {}", dests[i].display())))
         };
-        let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
-        self.restore_into(&paths, FileCheck::Sha256, open, finish).await?;
+        self.restore_entries(entries, FileCheck::Sha256, open, finish).await?;
         tokio::task::spawn_blocking(move || {
             for (dir, fs) in filesystems {
                 rustix::fs::syncfs(&fs).map_err(|e| ClientError::Io {
@@ -211,10 +212,30 @@ impl SnapshotReader {
         O: FnMut(usize) -> Result<W, ClientError> + Send + 'static,
         F: FnMut(usize, W) -> Result<(), ClientError> + Send + 'static,
     {
-        let entries: Vec<FileEntry> = paths
+        self.restore_entries(self.entries(paths)?, check_files, open, finish).await
+    }
+
+    /// The manifest's entries for `paths`, in order.
+    fn entries(&self, paths: &[&str]) -> Result<Vec<FileEntry>, ClientError> {
+        paths
             .iter()
             .map(|p| self.manifest().file(p).cloned().ok_or_else(|| self.corrupt(format!("has no file {p:?}"))))
-            .collect::<Result<_, _>>()?;
+            .collect()
+    }
+
+    /// [`SnapshotReader::restore_into`] for entries already looked up.
+    async fn restore_entries<W, O, F>(
+        &self,
+        entries: Vec<FileEntry>,
+        check_files: FileCheck,
+        open: O,
+        finish: F,
+    ) -> Result<(), ClientError>
+    where
+        W: ExtentSink + Send + 'static,
+        O: FnMut(usize) -> Result<W, ClientError> + Send + 'static,
+        F: FnMut(usize, W) -> Result<(), ClientError> + Send + 'static,
+    {
         let open = Arc::new(Mutex::new(open));
         let finish = Arc::new(Mutex::new(finish));
         let shared = Lanes {
