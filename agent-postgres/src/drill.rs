@@ -173,6 +173,7 @@ async fn run_drill(
         conn: None,
         pgdata: None,
         fast_checkpoint: true,
+        direct_reads: source.direct_reads,
         block_size: source.block_size,
         recovery: source.recovery.clone(),
         restore_config,

@@ -41,6 +41,12 @@ struct Cli {
     /// checkpoint_completion_target; can take minutes).
     #[arg(long, global = true, env = "COFFER_CHECKPOINT", default_value = "fast", value_parser = ["fast", "spread"])]
     checkpoint: String,
+    /// How base backups read files of 1 MiB and more: `direct` (`O_DIRECT`: the backup
+    /// neither evicts the server's cached pages nor pays to copy through the page cache) or
+    /// `cached` (through the page cache: better when the data is mostly cached already and
+    /// the disk is slow or metered).
+    #[arg(long, global = true, env = "COFFER_READ", default_value = "direct", value_parser = ["direct", "cached"])]
+    read: String,
     /// Relation files are cut into page-aligned blocks of this size (a multiple of the 8 KiB
     /// page): a changed page costs one block. Smaller blocks deduplicate scattered updates
     /// better but compress worse (measured on pgbench tables: 8 KiB blocks store 1.9x the
@@ -171,6 +177,7 @@ impl Cli {
             conn: self.pg_conn.clone(),
             pgdata: self.pgdata.clone(),
             fast_checkpoint: self.checkpoint == "fast",
+            direct_reads: self.read == "direct",
             block_size: self.block_size as u32,
             recovery: target,
             restore_config: a.asset.clone().map(|asset| RestoreConfig {

@@ -3,13 +3,13 @@
 //! the blocks that changed), and restore into a data directory set up for archive recovery.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use coffer_common::chunker::Cut;
 use coffer_common::manifest::Manifest;
+use coffer_common::runtime::direct::DirectReader;
 use coffer_common::runtime::{BackupSink, Probe, SnapshotReader, Source, SourceError, VerifyReport};
 use serde_json::{Value, json};
 
@@ -43,6 +43,8 @@ pub struct PgSource {
     /// Data directory (default: what the server reports).
     pub pgdata: Option<PathBuf>,
     pub fast_checkpoint: bool,
+    /// Large files are read `O_DIRECT` (see `LazyFile`); off: through the page cache.
+    pub direct_reads: bool,
     /// Block size relation files are cut into.
     pub block_size: u32,
     /// How a restore sets up recovery.
@@ -107,11 +109,14 @@ struct Entry {
 }
 
 /// Reads a file opened on first read; a file removed since the walk reads as empty (WAL
-/// replay removes or rewrites it).
+/// replay removes or rewrites it). Large files (relation segments) are read `O_DIRECT`:
+/// the backup neither pays for copying them through the page cache nor evicts the
+/// server's cached pages (`DirectReader`).
 struct LazyFile {
     path: PathBuf,
-    file: Option<File>,
+    file: Option<DirectReader>,
     gone: bool,
+    direct: bool,
 }
 
 impl Read for LazyFile {
@@ -120,7 +125,7 @@ impl Read for LazyFile {
             return Ok(0);
         }
         if self.file.is_none() {
-            match File::open(&self.path) {
+            match DirectReader::open(&self.path, self.direct) {
                 Ok(f) => self.file = Some(f),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     self.gone = true;
@@ -282,7 +287,9 @@ impl Source for PgSource {
         .map_err(failed)??;
         let (relations, others): (Vec<Entry>, Vec<Entry>) = walked.files.into_iter().partition(|e| e.relation);
         let lazy = |v: Vec<Entry>| -> Vec<(String, LazyFile)> {
-            v.into_iter().map(|e| (e.rel, LazyFile { path: e.path, file: None, gone: false })).collect()
+            v.into_iter()
+                .map(|e| (e.rel, LazyFile { path: e.path, file: None, gone: false, direct: self.direct_reads }))
+                .collect()
         };
         sink.add_files_cut(lazy(others), Cut::Content).await?;
         sink.add_files_cut(lazy(relations), Cut::Fixed(self.block_size)).await?;

@@ -1,4 +1,5 @@
-//! Restored bytes land in aligned buffers and go to disk with `O_DIRECT`.
+//! Restored bytes land in aligned buffers and go to disk with `O_DIRECT`; large source
+//! files are read the same way ([`DirectReader`]).
 //!
 //! Each download batch is decrypted straight into an [`Extent`]: a pooled buffer whose
 //! start is aligned in memory *and* corresponds to an aligned file offset, so the writer can
@@ -9,7 +10,7 @@
 //! network filesystems) get ordinary buffered writes of the same bytes.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -95,6 +96,110 @@ pub struct Plain<W>(pub W);
 impl<W: Write> ExtentSink for Plain<W> {
     fn write_extent(&mut self, e: &mut Extent) -> io::Result<()> {
         self.0.write_all(e.data())
+    }
+}
+
+/// Files at least this large are read with `O_DIRECT` by [`DirectReader::open`]; smaller
+/// ones are one or two reads either way and stay in the page cache like any other file.
+pub const DIRECT_READ_MIN: u64 = 1 << 20;
+
+/// A file read from start to end, with `O_DIRECT` when it is large and the filesystem
+/// allows it: the disk fills the caller's buffer and no page-cache page is touched.
+///
+/// Measured on the benchmark VM, reading 671 MB through the page cache right after other
+/// work had churned it cost 1.2-1.4 CPU-seconds of kernel copying (against 0.06 s direct),
+/// on a backup that is CPU-bound; and a backup should not evict the pages of the database it
+/// runs next to. A direct read needs an aligned buffer, length and file offset: a read that
+/// does not have them (a caller's odd-sized buffer, the position after a short read at the
+/// end of the file) switches the file to ordinary buffered reads for good, as does a
+/// filesystem that refuses `O_DIRECT` (tmpfs, some FUSE and network filesystems). Reads see
+/// what the kernel holds: a direct read first writes back dirty cached pages of its range,
+/// so a file another process is writing through the page cache reads as with `read(2)`.
+pub struct DirectReader {
+    file: File,
+    direct: bool,
+    pos: u64,
+}
+
+impl DirectReader {
+    /// Opens `path` for reading, direct when `direct` is asked for and the file is at least
+    /// [`DIRECT_READ_MIN`] bytes.
+    pub fn open(path: &Path, direct: bool) -> io::Result<DirectReader> {
+        let file = File::open(path)?;
+        let mut reader = DirectReader { file, direct: false, pos: 0 };
+        if direct && reader.file.metadata()?.len() >= DIRECT_READ_MIN {
+            let flags = fcntl_getfl(&reader.file)?;
+            // A filesystem without O_DIRECT refuses the flag here (or at the first read).
+            reader.direct = fcntl_setfl(&reader.file, flags | OFlags::DIRECT).is_ok();
+        }
+        Ok(reader)
+    }
+
+    /// Whether the next read goes past the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    fn use_page_cache(&mut self) -> io::Result<()> {
+        let flags = fcntl_getfl(&self.file)?;
+        fcntl_setfl(&self.file, flags - OFlags::DIRECT)?;
+        self.direct = false;
+        Ok(())
+    }
+}
+
+impl Read for DirectReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.direct {
+            let whole = buf.len() / ALIGN * ALIGN;
+            if whole > 0 && buf.as_ptr().align_offset(ALIGN) == 0 && self.pos.is_multiple_of(ALIGN as u64) {
+                match self.file.read_at(&mut buf[..whole], self.pos) {
+                    Ok(n) => {
+                        self.pos += n as u64;
+                        return Ok(n);
+                    }
+                    Err(e) if e.raw_os_error() != Some(libc::EINVAL) => return Err(e),
+                    Err(_) => {} // the filesystem wants another alignment: buffered from here
+                }
+            }
+            self.use_page_cache()?;
+        }
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// A read buffer whose usable part starts at an [`ALIGN`]ed address, so that a
+/// [`DirectReader`] can fill it without a bounce copy.
+pub struct AlignedBuf {
+    buf: Vec<u8>,
+    base: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// A zeroed buffer of `len` usable bytes.
+    pub fn new(len: usize) -> AlignedBuf {
+        let buf = vec![0u8; len + ALIGN];
+        let base = buf.as_ptr().align_offset(ALIGN);
+        AlignedBuf { buf, base, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf[self.base..self.base + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.buf[self.base..self.base + self.len]
     }
 }
 
@@ -270,5 +375,71 @@ mod tests {
         let pool = Arc::new(ExtentPool::default());
         let err = f.write_extent(&mut pool.extent(10, 5)).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+    }
+
+    /// Reads `path` to the end with `reader`, `step` bytes of `buf` at a time.
+    fn read_all(mut reader: DirectReader, buf: &mut [u8], step: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let n = reader.read(&mut buf[..step]).unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn direct_reads_return_the_file_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        for len in [DIRECT_READ_MIN as usize, 3 * (1 << 20) + 123, (2 << 20) + ALIGN] {
+            let path = dir.path().join(format!("f{len}"));
+            let content = pattern(len, 7);
+            std::fs::write(&path, &content).unwrap();
+            let reader = DirectReader::open(&path, true).unwrap();
+            // Direct exactly when the filesystem under the temporary directory takes it
+            // (ext4 does; tmpfs before Linux 6.6 does not).
+            let supported = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).is_ok();
+            assert_eq!(reader.is_direct(), supported, "a {len}-byte file on {}", dir.path().display());
+            let mut buf = AlignedBuf::new(1 << 20);
+            let got = read_all(reader, buf.as_mut_slice(), 1 << 20);
+            assert_eq!(got.len(), len);
+            assert!(got == content, "content of the {len}-byte file");
+        }
+    }
+
+    #[test]
+    fn unaligned_reads_fall_back_to_the_page_cache_and_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let content = pattern(5 << 20, 3);
+        std::fs::write(&path, &content).unwrap();
+        // An aligned first read, then odd-sized ones from an unaligned position.
+        let mut reader = DirectReader::open(&path, true).unwrap();
+        let mut buf = AlignedBuf::new(1 << 20);
+        let mut got = vec![0u8; ALIGN * 2];
+        assert_eq!(reader.read(&mut buf.as_mut_slice()[..ALIGN * 2]).unwrap(), ALIGN * 2);
+        got.copy_from_slice(&buf.as_slice()[..ALIGN * 2]);
+        got.extend(read_all(reader, &mut buf.as_mut_slice()[1..], 10_007));
+        assert!(got == content);
+        // A buffer that is not aligned in memory from the start.
+        let reader = DirectReader::open(&path, true).unwrap();
+        assert!(read_all(reader, &mut buf.as_mut_slice()[5..], 1 << 19) == content);
+    }
+
+    #[test]
+    fn small_files_are_read_through_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, pattern(8192, 1)).unwrap();
+        let reader = DirectReader::open(&path, true).unwrap();
+        assert!(!reader.is_direct());
+        let mut buf = AlignedBuf::new(1 << 20);
+        assert!(read_all(reader, buf.as_mut_slice(), 1 << 20) == pattern(8192, 1));
+        // Nor are large ones when the caller says so.
+        std::fs::write(&path, pattern(2 << 20, 1)).unwrap();
+        let reader = DirectReader::open(&path, false).unwrap();
+        assert!(!reader.is_direct());
+        assert!(read_all(reader, buf.as_mut_slice(), 1 << 20) == pattern(2 << 20, 1));
     }
 }
