@@ -132,6 +132,7 @@ pub struct CopyToVerify {
 #[derive(Clone)]
 pub struct Catalog {
     pool: SqlitePool,
+    asset_ids: std::sync::Arc<std::sync::Mutex<HashMap<String, i64>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -408,7 +409,7 @@ impl Catalog {
         if !has_remote {
             sqlx::query("ALTER TABLE packs ADD COLUMN remote_ms INTEGER").execute(&pool).await?;
         }
-        Ok(Catalog { pool })
+        Ok(Catalog { pool, asset_ids: Default::default() })
     }
 
     pub async fn close(&self) {
@@ -425,12 +426,21 @@ impl Catalog {
         Ok(sqlx::query("SELECT id FROM assets WHERE name = ?").bind(name).fetch_one(&self.pool).await?.get(0))
     }
 
+    /// The catalog id of asset `name`. Assets are never removed, so ids are remembered:
+    /// every DownloadChunks and FindMissingChunks call asks.
     pub async fn asset_id(&self, name: &str) -> Result<Option<i64>> {
-        Ok(sqlx::query("SELECT id FROM assets WHERE name = ?")
+        if let Some(id) = self.asset_ids.lock().expect("asset id cache").get(name) {
+            return Ok(Some(*id));
+        }
+        let id: Option<i64> = sqlx::query("SELECT id FROM assets WHERE name = ?")
             .bind(name)
             .fetch_optional(&self.pool)
             .await?
-            .map(|r| r.get(0)))
+            .map(|r| r.get(0));
+        if let Some(id) = id {
+            self.asset_ids.lock().expect("asset id cache").insert(name.to_string(), id);
+        }
+        Ok(id)
     }
 
     pub async fn agent(&self, name: &str) -> Result<Option<AgentRow>> {
