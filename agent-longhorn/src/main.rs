@@ -46,6 +46,10 @@ struct Cli {
     /// `run`: how often the volume head's size is polled.
     #[arg(long, global = true, env = "COFFER_CHANGE_POLL", default_value = "30s", value_parser = humantime::parse_duration)]
     change_poll: std::time::Duration,
+    /// How backups read the volume: `direct` (`O_DIRECT`: the node's page cache is neither
+    /// filled with the volume nor paid for) or `cached` (through the page cache).
+    #[arg(long, global = true, env = "COFFER_READ", default_value = "direct", value_parser = ["direct", "cached"])]
+    read: String,
     /// `restore --to` an existing device or image of the same size: overwrite it.
     #[arg(long, global = true, env = "COFFER_FORCE")]
     force: bool,
@@ -163,6 +167,7 @@ async fn run(cli: Cli) -> Result<(), cli::CliError> {
         device: cli.device.clone(),
         volume: cli.volume.clone(),
         force: cli.force,
+        direct_reads: cli.read == "direct",
         longhorn: cli.longhorn_url.as_deref().map(|u| std::sync::Arc::new(longhorn::Client::new(u))),
     };
     let source = std::sync::Arc::new(source);

@@ -170,6 +170,13 @@ impl Read for DirectReader {
     }
 }
 
+/// Turns `O_DIRECT` on or off for an open file; false when the filesystem refuses it.
+pub fn set_direct(file: &File, on: bool) -> bool {
+    let Ok(flags) = fcntl_getfl(file) else { return false };
+    let flags = if on { flags | OFlags::DIRECT } else { flags - OFlags::DIRECT };
+    fcntl_setfl(file, flags).is_ok()
+}
+
 /// A read buffer whose usable part starts at an [`ALIGN`]ed address, so that a
 /// [`DirectReader`] can fill it without a bounce copy.
 pub struct AlignedBuf {
