@@ -152,9 +152,16 @@ const HASH_QUEUE: usize = 8;
 /// holes. A second thread hashes the whole volume (holes as zeros) from the same buffers:
 /// SHA-256 is one sequential stream, and on the reader's thread it was most of the backup's
 /// wall time (4 GiB hashed for a 4 GiB volume, whatever its allocation).
-fn read_volume(mut f: File, direct: bool, tx: tokio::sync::mpsc::Sender<(u64, Block)>) -> Result<Scan, SourceError> {
+/// `size` is the volume's size when the backup began. A volume whose size changes while it
+/// is read fails the backup: past a shrunken end `SEEK_DATA` finds no data, so without the
+/// check the lost tail would be recorded as holes, a restore would quietly give zeros there.
+fn read_volume(
+    mut f: File,
+    size: u64,
+    direct: bool,
+    tx: tokio::sync::mpsc::Sender<(u64, Block)>,
+) -> Result<Scan, SourceError> {
     let mut direct = direct && set_direct(&f, true);
-    let size = volume_size(&mut f).map_err(SourceError::io("sizing the volume"))?;
     let extents = data_extents(&f, size);
     // `None`: a hole of that many bytes.
     let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<(Option<Block>, usize)>(HASH_QUEUE);
@@ -197,6 +204,13 @@ fn read_volume(mut f: File, direct: bool, tx: tokio::sync::mpsc::Sender<(u64, Bl
     drop(hash_tx);
     let sha256 = hasher.join().map_err(|_| failed("the volume hasher panicked"))?;
     read?;
+    let now = volume_size(&mut f).map_err(SourceError::io("sizing the volume again"))?;
+    if now != size {
+        return Err(failed(format!(
+            "the volume changed size while it was read ({size} bytes at the start, {now} now); \
+             back up a point-in-time snapshot or clone of it"
+        )));
+    }
     scan.sha256 = sha256;
     Ok(scan)
 }
@@ -393,7 +407,7 @@ impl BlockSource {
         let size = volume_size(&mut f).map_err(SourceError::io("sizing the volume"))?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Block)>(BATCH);
         let direct = self.direct_reads;
-        let reader = tokio::task::spawn_blocking(move || read_volume(f, direct, tx));
+        let reader = tokio::task::spawn_blocking(move || read_volume(f, size, direct, tx));
         let mut batch: Vec<(String, Cursor<Block>)> = Vec::with_capacity(BATCH);
         while let Some((i, buf)) = rx.recv().await {
             batch.push((block_name(i), Cursor::new(buf)));
@@ -576,5 +590,23 @@ mod tests {
     fn fs_takes_direct(p: &Path) -> bool {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new().read(true).custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32).open(p).is_ok()
+    }
+
+    #[test]
+    fn a_volume_that_shrinks_while_it_is_read_fails_the_backup() {
+        // An image that shrank after it was sized: what is left is read (and handed on), the
+        // missing tail is not taken for holes, and the read fails naming both sizes.
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("img");
+        std::fs::write(&p, vec![7u8; 3 * BLOCK as usize]).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let err = read_volume(File::open(&p).unwrap(), 5 * BLOCK, true, tx).err().expect("the volume is short");
+        let msg = err.to_string();
+        assert!(msg.contains("changed size") && msg.contains(&(3 * BLOCK).to_string()), "{msg}");
+        let mut sent = Vec::new();
+        while let Ok((i, _)) = rx.try_recv() {
+            sent.push(i);
+        }
+        assert_eq!(sent, vec![0, 1, 2]);
     }
 }

@@ -84,7 +84,35 @@ fn blocks_holes_changed_blocks_sparse_restore_and_drill() {
     assert!((4 * MIB..5 * MIB).contains(&new), "two changed blocks cost two blocks: {out}");
     let again = dir.join("again.img");
     kit::ok(agent(&coord, &certs, dir, &img).args(["restore", "--snapshot", &second, "--to"]).arg(&again));
-    assert_eq!(sha256(&again), sha256(&img));
+    let second_sha = sha256(&img);
+    assert_eq!(sha256(&again), second_sha);
+
+    // The volume grows, then shrinks, between backups: each backup holds the whole volume at
+    // its size then (unchanged blocks still deduplicate), and older snapshots restore at theirs.
+    kit::ok(Command::new("truncate").args(["-s", "320M"]).arg(&img));
+    f.write_all_at(&kit::random_bytes(MIB as usize, 97), 300 * MIB).unwrap();
+    f.sync_all().unwrap();
+    let out = kit::ok(agent(&coord, &certs, dir, &img).arg("backup"));
+    let (grown, _, new) = kit::backup_line(&out);
+    assert!(new < 2 * MIB, "growing by one written block stores about that block: {out}");
+    kit::ok(Command::new("truncate").args(["-s", "192M"]).arg(&img));
+    let out = kit::ok(agent(&coord, &certs, dir, &img).arg("backup"));
+    let (shrunk, _, _) = kit::backup_line(&out);
+    for (snapshot, expected) in [(&grown, None), (&shrunk, Some(sha256(&img))), (&second, Some(second_sha))] {
+        let to = dir.join(format!("sized-{snapshot}.img"));
+        kit::ok(agent(&coord, &certs, dir, &img).args(["restore", "--snapshot", snapshot, "--to"]).arg(&to));
+        match expected {
+            Some(sha) => assert_eq!(sha256(&to), sha, "snapshot {snapshot}"),
+            None => {
+                let len = std::fs::metadata(&to).unwrap().len();
+                assert_eq!(len, 320 * MIB, "the grown snapshot restores at its size");
+                let mut tail = vec![0u8; MIB as usize];
+                std::fs::File::open(&to).unwrap().read_exact_at(&mut tail, 300 * MIB).unwrap();
+                assert!(tail == kit::random_bytes(MIB as usize, 97), "the block written past the old end");
+            }
+        }
+        std::fs::remove_file(&to).unwrap();
+    }
 }
 
 /// A fake Longhorn manager: Longhorn itself cannot run here. It serves the v1 API's shapes
