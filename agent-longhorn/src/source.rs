@@ -103,6 +103,16 @@ fn block_name(index: u64) -> String {
     format!("blocks/{index:012x}")
 }
 
+/// A restore error that names a block (`"blocks/<index>"`) also gets its byte offset in
+/// the volume, which is what an operator compares with a device or filesystem report.
+fn with_block_offset(msg: &str) -> String {
+    let index = msg.split('"').find_map(block_index);
+    match index {
+        Some(i) => format!("{msg} (the block at volume offset {} = {} MiB)", i * BLOCK, (i * BLOCK) >> 20),
+        None => msg.to_string(),
+    }
+}
+
 fn block_index(name: &str) -> Option<u64> {
     u64::from_str_radix(name.strip_prefix("blocks/")?, 16).ok()
 }
@@ -459,7 +469,10 @@ impl BlockSource {
         };
         // Each block is one chunk, authenticated as it is decrypted; hashing it again would
         // double the restore's CPU. The drill hashes the whole volume against the manifest.
-        reader.restore_into(&paths, FileCheck::ChunksOnly, open, |_, _| Ok(())).await?;
+        reader.restore_into(&paths, FileCheck::ChunksOnly, open, |_, _| Ok(())).await.map_err(|e| match e {
+            ClientError::Corrupt { .. } => failed(with_block_offset(&e.to_string())),
+            e => e.into(),
+        })?;
         if let Some(d) = &file.direct {
             d.sync_all().map_err(SourceError::io(format!("syncing {}", target.display())))?;
         }
@@ -545,6 +558,9 @@ mod tests {
         b[17] = 9;
         assert!(!is_zero(&b));
         assert_eq!(block_index(&block_name(0x1234)), Some(0x1234));
+        let m = with_block_offset(r#"snapshot X is corrupt: file "blocks/000000000064": chunk c: checksum mismatch"#);
+        assert!(m.ends_with("(the block at volume offset 209715200 = 200 MiB)"), "{m}");
+        assert_eq!(with_block_offset("file \"PG_VERSION\": x"), "file \"PG_VERSION\": x");
         assert_eq!(block_index("etc/passwd"), None);
     }
 

@@ -113,6 +113,18 @@ fn blocks_holes_changed_blocks_sparse_restore_and_drill() {
         }
         std::fs::remove_file(&to).unwrap();
     }
+
+    // A corrupted block in a pack: the restore fails and names the block by its offset.
+    // Every pack's first chunk is hit, so the first snapshot's pack is among them.
+    for pack in coord.packs() {
+        let mut bytes = std::fs::read(&pack).unwrap();
+        bytes[64] ^= 0x01; // inside the pack's first chunk
+        std::fs::write(&pack, &bytes).unwrap();
+    }
+    let to = dir.join("corrupt.img");
+    let o = kit::run(agent(&coord, &certs, dir, &img).args(["restore", "--snapshot", &first, "--to"]).arg(&to));
+    let err = kit::stderr(&o);
+    assert!(!o.status.success() && err.contains("corrupt") && err.contains("volume offset"), "{err}");
 }
 
 /// A fake Longhorn manager: Longhorn itself cannot run here. It serves the v1 API's shapes
