@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use coffer_common::manifest::{Manifest, is_safe_relative_path};
+use coffer_common::runtime::direct::DirectReader;
 use coffer_common::runtime::{BackupSink, Probe, SnapshotReader, Source, SourceError, VerifyReport};
 use serde_json::{Value, json};
 
@@ -174,8 +175,8 @@ impl Source for DirSource {
             let opened = group
                 .iter()
                 .map(|f| {
-                    let file =
-                        std::fs::File::open(&f.abs).map_err(SourceError::io(format!("opening {}", f.abs.display())))?;
+                    let file = DirectReader::open(&f.abs, true)
+                        .map_err(SourceError::io(format!("opening {}", f.abs.display())))?;
                     Ok((f.rel.clone(), file))
                 })
                 .collect::<Result<Vec<_>, SourceError>>()?;
