@@ -126,13 +126,9 @@ impl DirectReader {
     /// [`DIRECT_READ_MIN`] bytes.
     pub fn open(path: &Path, direct: bool) -> io::Result<DirectReader> {
         let file = File::open(path)?;
-        let mut reader = DirectReader { file, direct: false, pos: 0 };
-        if direct && reader.file.metadata()?.len() >= DIRECT_READ_MIN {
-            let flags = fcntl_getfl(&reader.file)?;
-            // A filesystem without O_DIRECT refuses the flag here (or at the first read).
-            reader.direct = fcntl_setfl(&reader.file, flags | OFlags::DIRECT).is_ok();
-        }
-        Ok(reader)
+        // A filesystem without O_DIRECT refuses the flag here (or at the first read).
+        let direct = direct && file.metadata()?.len() >= DIRECT_READ_MIN && set_direct(&file, true);
+        Ok(DirectReader { file, direct, pos: 0 })
     }
 
     /// Whether the next read goes past the page cache.
@@ -141,8 +137,9 @@ impl DirectReader {
     }
 
     fn use_page_cache(&mut self) -> io::Result<()> {
-        let flags = fcntl_getfl(&self.file)?;
-        fcntl_setfl(&self.file, flags - OFlags::DIRECT)?;
+        if !set_direct(&self.file, false) {
+            return Err(io::Error::other("could not turn O_DIRECT off"));
+        }
         self.direct = false;
         Ok(())
     }
