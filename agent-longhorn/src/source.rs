@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use coffer_common::chunker::Cut;
 use coffer_common::crypto::FileHasher;
 use coffer_common::manifest::Manifest;
-use coffer_common::runtime::direct::{ALIGN, AlignedBuf, Extent, ExtentSink, set_direct};
+use coffer_common::runtime::direct::{self, ALIGN, AlignedBuf, Extent, ExtentSink, set_direct};
 use coffer_common::runtime::{
     BackupSink, ClientError, FileCheck, Probe, SnapshotReader, Source, SourceError, VerifyReport,
 };
@@ -227,23 +227,19 @@ fn read_volume(
 
 /// `len` bytes of the volume at `off` (a multiple of [`BLOCK`]) into a pooled buffer. While
 /// `direct`, reads go past the page cache in whole aligned units (the last block of an
-/// image whose size is not aligned reads short at the end); a read the file refuses
-/// (`EINVAL`: alignment) turns `direct` off for the rest of the volume.
+/// image whose size is not aligned reads short at the end); see [`direct::read_at`] for
+/// when they stop being direct.
 fn read_block(f: &File, direct: &mut bool, off: u64, len: usize) -> Result<BlockBuf, SourceError> {
     let mut buf = take_block_buf();
     let mut got = 0;
     while got < len {
         let at = off + got as u64;
         let want = if *direct { len.next_multiple_of(ALIGN).min(buf.len()) } else { len };
-        match rustix::io::pread(f, &mut buf.as_mut_slice()[got..want], at) {
+        match direct::read_at(f, direct, &mut buf.as_mut_slice()[got..want], at) {
             Ok(0) => return Err(failed(format!("the volume ended at {at} while reading the block at {off}"))),
             Ok(n) => got += n,
-            Err(rustix::io::Errno::INTR) => {}
-            Err(rustix::io::Errno::INVAL) if *direct => {
-                set_direct(f, false);
-                *direct = false;
-            }
-            Err(e) => return Err(SourceError::io(format!("reading the volume at {at}"))(e.into())),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(SourceError::io(format!("reading the volume at {at}"))(e)),
         }
     }
     Ok(BlockBuf { buf: Some(buf), len })

@@ -135,36 +135,35 @@ impl DirectReader {
     pub fn is_direct(&self) -> bool {
         self.direct
     }
-
-    fn use_page_cache(&mut self) -> io::Result<()> {
-        if !set_direct(&self.file, false) {
-            return Err(io::Error::other("could not turn O_DIRECT off"));
-        }
-        self.direct = false;
-        Ok(())
-    }
 }
 
 impl Read for DirectReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.direct {
-            let whole = buf.len() / ALIGN * ALIGN;
-            if whole > 0 && buf.as_ptr().align_offset(ALIGN) == 0 && self.pos.is_multiple_of(ALIGN as u64) {
-                match self.file.read_at(&mut buf[..whole], self.pos) {
-                    Ok(n) => {
-                        self.pos += n as u64;
-                        return Ok(n);
-                    }
-                    Err(e) if e.raw_os_error() != Some(libc::EINVAL) => return Err(e),
-                    Err(_) => {} // the filesystem wants another alignment: buffered from here
-                }
-            }
-            self.use_page_cache()?;
-        }
-        let n = self.file.read_at(buf, self.pos)?;
+        let n = read_at(&self.file, &mut self.direct, buf, self.pos)?;
         self.pos += n as u64;
         Ok(n)
     }
+}
+
+/// One read of `file` at `at` into `buf`. While `*direct`, the read goes past the page
+/// cache in whole aligned units (the aligned prefix of `buf`); a read that cannot be direct
+/// (`buf` or `at` not aligned, or `EINVAL`: the filesystem wants another alignment) turns
+/// `O_DIRECT` off on the file and `*direct` to false for good, and is done buffered.
+pub fn read_at(file: &File, direct: &mut bool, buf: &mut [u8], at: u64) -> io::Result<usize> {
+    if *direct {
+        let whole = buf.len() / ALIGN * ALIGN;
+        if whole > 0 && buf.as_ptr().align_offset(ALIGN) == 0 && at.is_multiple_of(ALIGN as u64) {
+            match file.read_at(&mut buf[..whole], at) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                other => return other,
+            }
+        }
+        if !set_direct(file, false) {
+            return Err(io::Error::other("could not turn O_DIRECT off"));
+        }
+        *direct = false;
+    }
+    file.read_at(buf, at)
 }
 
 /// Turns `O_DIRECT` on or off for an open file; false when the filesystem refuses it.

@@ -511,23 +511,20 @@ fn filesystems<'a>(dests: impl Iterator<Item = &'a Path>) -> Result<Vec<(PathBuf
     let mut dirs = std::collections::HashSet::new();
     let mut devices = std::collections::HashSet::new();
     let mut out = Vec::new();
+    // The directory holding `p` ("." for a bare name).
+    let parent = |p: &Path| match p.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     for dest in dests {
-        let mut dir = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let mut dir = parent(dest);
         if !dirs.insert(dir.clone()) {
             continue;
         }
         let meta = loop {
             match std::fs::metadata(&dir) {
                 Ok(m) => break m,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != Path::new(".") => {
-                    dir = match dir.parent() {
-                        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                        _ => PathBuf::from("."),
-                    }
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != Path::new(".") => dir = parent(&dir),
                 Err(source) => {
                     return Err(ClientError::Io { context: format!("inspecting {}", dir.display()), source });
                 }
