@@ -717,7 +717,10 @@ fn packs_of_an_asset_without_a_local_copy_leave_the_disk_and_restore_from_the_ta
     let agent = || git_agent(&coord, &certs, dir, "git/a", &dir.join("w"), &repo);
     let (snap, _, _) = kit::backup_line(&kit::ok(agent().arg("backup")));
     kit::wait_for("the local packs dropped", Duration::from_secs(60), || coord.packs().is_empty().then_some(()));
-    assert!(coord.logs().contains("local pack dropped"), "{}", coord.logs());
+    // The line is logged just after the file goes: wait for it rather than race it.
+    kit::wait_for("the drop logged", Duration::from_secs(10), || {
+        coord.logs().contains("local pack dropped").then_some(())
+    });
     let summary = asset_status(&coord, &certs, "git/a")["status"]["copiesSummary"].as_str().unwrap().to_string();
     assert!(summary.starts_with("2/2: s3, offsite"), "{summary}");
     // The manifests stay local; the chunks come from the targets.
