@@ -261,6 +261,52 @@ async fn many_files_restore_in_order_across_batches() {
     assert!(reader.restore_file("nope", Vec::new()).await.is_err());
 }
 
+/// A lane's writer lives as long as the lane; it must not hold one of the blocking-pool
+/// threads its own batches are decrypted on. Agents cap that pool (4 per core + 4), so a
+/// restore with more lanes than pool threads would wait forever if writers took them.
+#[test]
+fn restore_lanes_leave_the_blocking_pool_to_decryption() {
+    let server_rt = tokio::runtime::Runtime::new().unwrap();
+    let s = server_rt.block_on(start());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(3)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let me = AgentIdentity::generate("me");
+        let coord = connect(&s, "agent-git-1", &me).await;
+        let keyring = coord.keyring("git/lanes", &me, &[]).await.unwrap();
+        let opts = PipelineOptions { quiet: true, ..Default::default() };
+        let mut sink = BackupSink::begin(&coord, &keyring, "git/lanes", "git", opts).await.unwrap();
+        let files: Vec<(String, Vec<u8>)> = (0..8u32)
+            .map(|f| (format!("f{f}"), (0..400_000u32).map(|i| (i * (f + 3) % 251) as u8).collect()))
+            .collect();
+        sink.add_files(files.iter().map(|(p, d)| (p.clone(), std::io::Cursor::new(d.clone()))).collect())
+            .await
+            .unwrap();
+        sink.commit(&me, Default::default()).await.unwrap();
+        let opts = coffer_common::runtime::restore::RestoreOptions {
+            lanes: 6,
+            batch_bytes: 100_000,
+            quiet: true,
+            ..Default::default()
+        };
+        let reader =
+            coffer_common::runtime::SnapshotReader::open(&coord, &keyring, "git/lanes", "latest", opts).await.unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let targets: Vec<(String, PathBuf)> = files.iter().map(|(p, _)| (p.clone(), out.path().join(p))).collect();
+        tokio::time::timeout(std::time::Duration::from_secs(60), reader.restore_files(&targets))
+            .await
+            .expect("restore with more lanes than blocking threads finishes")
+            .unwrap();
+        for (p, d) in &files {
+            assert_eq!(&std::fs::read(out.path().join(p)).unwrap(), d, "{p}");
+        }
+    });
+}
+
 #[tokio::test]
 async fn message_and_frame_limits() {
     let s = start().await;

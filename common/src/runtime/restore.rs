@@ -322,7 +322,10 @@ impl SnapshotReader {
                 offset += len;
             }
         }
-        let writer_task = tokio::task::spawn_blocking(move || {
+        // The writer is a thread of its own, not a blocking-pool task: it lives as long as the
+        // lane, and lanes must not use up the pool the batches are decrypted on.
+        let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+        let mut writer = move || {
             let mut open = |j: usize| open(files[j]);
             let mut finish = |j: usize, w: W| finish(files[j], w);
             let mut walk = Walk::default();
@@ -336,6 +339,9 @@ impl SnapshotReader {
             }
             // Files after the last batch (and empty files) still have to exist.
             walk.end(total, &mut open, &mut finish)
+        };
+        std::thread::spawn(move || {
+            let _ = written_tx.send(writer());
         });
 
         let mut fetched = futures::stream::iter(jobs)
@@ -376,7 +382,7 @@ impl SnapshotReader {
         }
         drop(fetched);
         drop(tx);
-        let written = writer_task.await.map_err(|e| ClientError::Protocol(format!("writer thread: {e}")))?;
+        let written = written_rx.await.map_err(|_| ClientError::Protocol("writer thread panicked".into()))?;
         let hashed = hasher.join().map_err(|_| ClientError::Protocol("hash thread panicked".into()))?;
         if let Some(e) = failure {
             return Err(e);
