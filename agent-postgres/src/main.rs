@@ -7,6 +7,7 @@ mod pg;
 mod recovery;
 mod source;
 mod walpush;
+mod walsock;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,11 @@ struct Cli {
     /// `wal-push`: other `.ready` WAL files archived in the same call.
     #[arg(long, global = true, env = "COFFER_WAL_PUSH_AHEAD", default_value_t = 8)]
     wal_push_ahead: usize,
+    /// Unix socket between `run` and `wal-push`: `run` listens there and archives WAL over
+    /// its open connection; `wal-push` hands its file to that daemon (and archives it itself
+    /// when no daemon answers). Both must run as the same OS user (or wal-push as root).
+    #[arg(long, global = true, env = "COFFER_WAL_SOCKET")]
+    wal_socket: Option<PathBuf>,
     /// `wal-fetch`: following segments fetched ahead of recovery.
     #[arg(long, global = true, env = "COFFER_WAL_PREFETCH", default_value_t = 4)]
     wal_prefetch: usize,
@@ -229,13 +235,26 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     match &cli.cmd {
         Cmd::Run => {
             let source = cli.source(RecoveryTarget::default())?;
+            // Bound before anything else starts: a socket that cannot be served is a
+            // configuration error, not something to retry.
+            let wal_socket = match &cli.wal_socket {
+                Some(path) => {
+                    let (listener, uid) = walsock::bind(path).await?;
+                    tracing::info!(socket = %path.display(), "serving wal-push on a local socket");
+                    Some(tokio::spawn(walsock::serve(listener, uid, cli.agent.clone())))
+                }
+                None => None,
+            };
             let hb = match (&cli.pg_conn, cli.heartbeat_interval.is_zero()) {
                 (Some(conn), false) => Some(tokio::spawn(heartbeat(conn.clone(), cli.heartbeat_interval))),
                 _ => None,
             };
             let r = coffer_common::runtime::daemon::run(&cli.agent, "postgres", &source).await;
-            if let Some(h) = hb {
-                h.abort();
+            for task in [hb, wal_socket].into_iter().flatten() {
+                task.abort();
+            }
+            if let Some(path) = &cli.wal_socket {
+                let _ = std::fs::remove_file(path);
             }
             r
         }
@@ -243,6 +262,18 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             // Pushed ahead by an earlier call with this exact content: nothing to do.
             if walpush::pushed_already(path)? {
                 return Ok(());
+            }
+            if let Some(socket) = &cli.wal_socket {
+                match walsock::hand_off(socket, path, cli.wal_push_ahead).await {
+                    walsock::HandOff::Done(out) => {
+                        tracing::info!(pushed = ?out.pushed, already = ?out.already, "WAL archived by the daemon");
+                        return Ok(());
+                    }
+                    walsock::HandOff::Failed(e) => return Err(SourceError::Failed(e).into()),
+                    walsock::HandOff::Unavailable(why) => {
+                        tracing::warn!("no agent daemon took the WAL file ({why}); archiving it directly");
+                    }
+                }
             }
             let ctx = cli.agent.connect("postgres").await?;
             let out = walpush::push(&ctx, path, cli.wal_push_ahead).await?;

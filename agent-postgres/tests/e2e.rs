@@ -378,6 +378,103 @@ fn wal_push_is_idempotent_refuses_changed_content_and_wal_fetch_exit_codes() {
     assert_eq!(std::fs::read(wal.join("RECOVERYXLOG")).unwrap(), kit::random_bytes(1 << 20, 2));
 }
 
+/// `run --wal-socket`: wal-push hands its file to the daemon, which archives it over its
+/// own connection; the caller's credentials are never used (here they cannot connect).
+/// With no daemon, or one that refuses the caller, wal-push archives the file itself.
+#[test]
+fn wal_push_hands_files_to_the_daemon_over_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = kit::certs(&d.join("certs"), &["pg-1"], &["ops"]);
+    let coord = Coordinator::start(d, &certs, GRANTS);
+    let wal = d.join("pg_wal");
+    std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+    let seg = |n: u64| format!("0000000100000000{n:08X}");
+    let write_seg = |n: u64, seed: u64| {
+        std::fs::write(wal.join(seg(n)), kit::random_bytes(1 << 20, seed)).unwrap();
+        std::fs::write(wal.join("archive_status").join(format!("{}.ready", seg(n))), b"").unwrap();
+    };
+    let socket = d.join("wal.sock");
+    let env = agent_env(&coord, &certs, d, "postgres/wal");
+    let agent = |args: &[&str]| {
+        let mut c = Command::new(kit::bin("agent-postgres"));
+        c.args(args)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("COFFER_WAL_SOCKET", &socket)
+            .env_remove("COFFER_CONFIG")
+            .current_dir(d);
+        c
+    };
+    // As archive_command, with a key that does not exist: only a daemon can archive.
+    let push_via_daemon = |n: u64| {
+        let mut c = agent(&["wal-push", &format!("pg_wal/{}", seg(n))]);
+        c.env("COFFER_KEY", d.join("no-such.key"));
+        c
+    };
+    let files = || asset_status(&coord, &certs, "postgres/wal")["streams"][0]["files"].clone();
+    kit::ok(&mut agent(&["list"]));
+    let start_daemon = |log: &str| {
+        let mut c = agent(&["--heartbeat-interval", "0s", "run"]);
+        c.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(std::fs::File::create(d.join(log)).unwrap());
+        let daemon = KillOnDrop(c.spawn().unwrap());
+        kit::wait_for("the daemon's WAL socket", Duration::from_secs(30), || {
+            std::os::unix::net::UnixStream::connect(&socket).ok()
+        });
+        daemon
+    };
+    let daemon = start_daemon("daemon-1.log");
+
+    // Segment 1 through the daemon, which also pushes 2 ahead.
+    write_seg(1, 1);
+    write_seg(2, 2);
+    kit::ok(&mut push_via_daemon(1));
+    assert!(wal.join(".coffer-pushed").join(seg(2)).is_file(), "the daemon pushed segment 2 ahead");
+    let log = std::fs::read_to_string(d.join("daemon-1.log")).unwrap();
+    assert!(log.contains("WAL archived for wal-push"), "{log}");
+    assert_eq!(files(), "2");
+    // Changed content through the daemon: refused loudly, as a direct push is.
+    std::fs::write(wal.join(seg(1)), kit::random_bytes(1 << 20, 99)).unwrap();
+    let o = kit::run(&mut push_via_daemon(1));
+    assert!(!o.status.success());
+    assert!(kit::stderr(&o).contains("different content"), "{}", kit::stderr(&o));
+
+    // Another user may not use the socket: even with the file opened up to everyone, the
+    // daemon refuses the caller, which then archives by itself (and here cannot).
+    write_seg(3, 3);
+    if is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .arg(kit::bin("agent-postgres"))
+            .args(["wal-push", &format!("pg_wal/{}", seg(3))])
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("COFFER_WAL_SOCKET", &socket)
+            .env_remove("COFFER_CONFIG")
+            .current_dir(d);
+        let o = kit::run(&mut c);
+        let err = kit::stderr(&o);
+        assert!(!o.status.success());
+        assert!(err.contains("serves only its own user") && err.contains("archiving it directly"), "{err}");
+        assert_eq!(files(), "2", "the refused caller archived nothing");
+    }
+
+    // The daemon dies, leaving its socket file: wal-push archives directly (3 goes ahead).
+    drop(daemon);
+    assert!(socket.exists());
+    write_seg(4, 4);
+    let o = kit::run(&mut agent(&["wal-push", &format!("pg_wal/{}", seg(4))]));
+    assert!(o.status.success(), "{}", kit::stderr(&o));
+    assert!(kit::stderr(&o).contains("archiving it directly"), "{}", kit::stderr(&o));
+    assert_eq!(files(), "4");
+    // A new daemon takes over the stale socket file.
+    let _daemon = start_daemon("daemon-2.log");
+    write_seg(5, 5);
+    kit::ok(&mut push_via_daemon(5));
+    assert_eq!(files(), "5");
+}
+
 #[test]
 fn archiving_survives_a_coordinator_outage_and_base_backups_need_archiving() {
     let dir = tempfile::tempdir().unwrap();
