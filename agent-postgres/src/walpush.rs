@@ -84,79 +84,80 @@ pub async fn push(ctx: &AgentContext, path: &Path, ahead: usize) -> Result<PushO
         return Err(failed(format!("{name} is not a WAL file name PostgreSQL archives")));
     }
     let wal_dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    if !path.is_file() {
+        return Err(failed(format!("{} is not a file", path.display())));
+    }
     let mut batch = vec![(name.clone(), path.to_path_buf())];
     for n in ready_segments(&wal_dir, &name, ahead) {
         batch.push((n.clone(), wal_dir.join(&n)));
     }
-    let mut hashed = Vec::new();
-    for (n, p) in batch {
-        match sha256_file(&p) {
-            Ok((sha, size)) => hashed.push((n, p, sha, size)),
-            // A ready segment archived and removed meanwhile: only the requested one matters.
-            Err(e) if n == name => return Err(e),
-            Err(_) => {}
-        }
-    }
-    let names: Vec<String> = hashed.iter().map(|h| h.0.clone()).collect();
+    let names: Vec<String> = batch.iter().map(|b| b.0.clone()).collect();
     let held = ctx.coord.stream_files(&ctx.asset, WAL_STREAM, &names).await?;
     let mut out = PushOutcome { pushed: Vec::new(), already: Vec::new() };
     let mut todo = Vec::new();
-    for (n, p, sha, size) in hashed {
+    // Only names the archive holds are hashed here (to compare); the others are hashed as
+    // they are uploaded, so a file is read once.
+    for (n, p) in batch {
         match held.iter().find(|h| h.path == n) {
-            Some(h) if h.sha256 == sha => out.already.push(n),
-            Some(h) if n == name => {
-                return Err(failed(format!(
-                    "{n} is already archived in {} with different content (archived sha256 {}, local {sha}, entry {}): \
-                     refusing to overwrite it. Two servers may be archiving into one asset; check which is the primary",
-                    ctx.asset, h.sha256, h.snapshot_id
-                )));
+            None => todo.push((n, p)),
+            Some(h) => {
+                let sha = match sha256_file(&p) {
+                    Ok((sha, _)) => sha,
+                    Err(e) if n == name => return Err(e),
+                    // A ready file archived and removed meanwhile: only the requested one matters.
+                    Err(_) => continue,
+                };
+                if h.sha256 == sha {
+                    out.already.push(n);
+                } else if n == name {
+                    return Err(failed(format!(
+                        "{n} is already archived in {} with different content (archived sha256 {}, local {sha}, entry {}): \
+                         refusing to overwrite it. Two servers may be archiving into one asset; check which is the primary",
+                        ctx.asset, h.sha256, h.snapshot_id
+                    )));
+                }
+                // A pushed-ahead conflict is reported when PostgreSQL asks for that file.
             }
-            // A pushed-ahead conflict is reported when PostgreSQL asks for that segment.
-            Some(_) => {}
-            None => todo.push((n, p, sha, size)),
         }
     }
+    // What was uploaded, with the SHA-256 of the bytes read.
+    let mut uploaded: Vec<(String, String)> = Vec::new();
     if !todo.is_empty() {
         let opts = PipelineOptions { fetch_previous: false, quiet: true, ..ctx.args.pipeline() };
         let mut sink = BackupSink::begin(&ctx.coord, &ctx.keyring, &ctx.asset, "postgres", opts).await?;
-        let files: Vec<(String, std::fs::File)> = match todo
-            .iter()
-            .map(|(n, p, ..)| std::fs::File::open(p).map(|f| (n.clone(), f)))
-            .collect::<Result<_, _>>()
-        {
-            Ok(f) => f,
-            Err(e) => {
-                sink.abort(&e.to_string()).await;
-                return Err(SourceError::io("opening WAL files")(e));
+        let mut files: Vec<(String, std::fs::File)> = Vec::new();
+        for (n, p) in &todo {
+            match std::fs::File::open(p) {
+                Ok(f) => files.push((n.clone(), f)),
+                // A ready file archived and removed meanwhile: only the requested one matters.
+                Err(_) if *n != name => {}
+                Err(e) => {
+                    sink.abort(&e.to_string()).await;
+                    return Err(SourceError::io(format!("opening {}", p.display()))(e));
+                }
             }
-        };
+        }
+        let sent: Vec<String> = files.iter().map(|f| f.0.clone()).collect();
         if let Err(e) = sink.add_files_cut(files, Cut::Content).await {
             sink.abort(&e.to_string()).await;
             return Err(e);
         }
-        // The content committed must be the content hashed above (a segment never changes
-        // once ready; a mismatch means something rewrote it).
-        for (n, _, sha, _) in &todo {
-            let got = sink.files().iter().find(|f| &f.path == n).map(|f| f.sha256.clone());
-            if got.as_deref() != Some(sha.as_str()) {
-                sink.abort("WAL file changed while archiving").await;
-                return Err(failed(format!("{n} changed while it was being archived")));
-            }
-        }
+        uploaded = sink.files().iter().map(|f| (f.path.clone(), f.sha256.clone())).collect();
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("stream".into(), json!(WAL_STREAM));
-        meta.insert("files".into(), json!(todo.iter().map(|t| t.0.clone()).collect::<Vec<_>>()));
+        meta.insert("files".into(), json!(sent));
         sink.commit(&ctx.identity, meta).await?;
-        out.pushed.extend(todo.iter().map(|t| t.0.clone()));
+        out.pushed.extend(sent);
     }
-    // Markers for what was archived ahead of PostgreSQL's request.
+    // Markers for what was archived ahead of PostgreSQL's request: the SHA-256 of what the
+    // archive holds, which the file must still have when PostgreSQL asks for it.
     let marker_dir = wal_dir.join(PUSHED_DIR);
     for n in out.pushed.iter().chain(&out.already).filter(|n| **n != name) {
         let Some(sha) = held
             .iter()
             .find(|h| &h.path == n)
             .map(|h| h.sha256.clone())
-            .or_else(|| todo.iter().find(|t| &t.0 == n).map(|t| t.2.clone()))
+            .or_else(|| uploaded.iter().find(|u| &u.0 == n).map(|u| u.1.clone()))
         else {
             continue;
         };
