@@ -122,22 +122,19 @@ pub async fn push(ctx: &AgentContext, path: &Path, ahead: usize) -> Result<PushO
     }
     // What was uploaded, with the SHA-256 of the bytes read.
     let mut uploaded: Vec<(String, String)> = Vec::new();
-    if !todo.is_empty() {
+    let mut files: Vec<(String, std::fs::File)> = Vec::new();
+    for (n, p) in &todo {
+        match std::fs::File::open(p) {
+            Ok(f) => files.push((n.clone(), f)),
+            // A ready file archived and removed meanwhile: only the requested one matters.
+            Err(_) if *n != name => {}
+            Err(e) => return Err(SourceError::io(format!("opening {}", p.display()))(e)),
+        }
+    }
+    if !files.is_empty() {
+        let sent: Vec<String> = files.iter().map(|f| f.0.clone()).collect();
         let opts = PipelineOptions { fetch_previous: false, quiet: true, ..ctx.args.pipeline() };
         let mut sink = BackupSink::begin(&ctx.coord, &ctx.keyring, &ctx.asset, "postgres", opts).await?;
-        let mut files: Vec<(String, std::fs::File)> = Vec::new();
-        for (n, p) in &todo {
-            match std::fs::File::open(p) {
-                Ok(f) => files.push((n.clone(), f)),
-                // A ready file archived and removed meanwhile: only the requested one matters.
-                Err(_) if *n != name => {}
-                Err(e) => {
-                    sink.abort(&e.to_string()).await;
-                    return Err(SourceError::io(format!("opening {}", p.display()))(e));
-                }
-            }
-        }
-        let sent: Vec<String> = files.iter().map(|f| f.0.clone()).collect();
         if let Err(e) = sink.add_files_cut(files, Cut::Content).await {
             sink.abort(&e.to_string()).await;
             return Err(e);
