@@ -10,12 +10,12 @@ use std::fs::File;
 use std::io::{Cursor, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use coffer_common::chunker::Cut;
 use coffer_common::crypto::FileHasher;
 use coffer_common::manifest::Manifest;
-use coffer_common::runtime::direct::{self, ALIGN, AlignedBuf, Extent, ExtentSink, set_direct};
+use coffer_common::runtime::direct::{self, ALIGN, AlignedBuf, AlignedPool, Extent, ExtentSink, set_direct};
 use coffer_common::runtime::{
     BackupSink, ClientError, FileCheck, Probe, SnapshotReader, Source, SourceError, VerifyReport,
 };
@@ -138,22 +138,14 @@ struct BlockBuf {
 impl Drop for BlockBuf {
     fn drop(&mut self) {
         if let Some(b) = self.buf.take() {
-            let mut pool = BLOCK_POOL.lock().expect("block pool");
-            if pool.len() < BLOCK_POOL_KEEP {
-                pool.push(b);
-            }
+            BLOCK_POOL.give(b);
         }
     }
 }
 
 /// Block buffers kept for reuse: about what the pipeline's memory budget and the hash
 /// queue hold at once.
-const BLOCK_POOL_KEEP: usize = 40;
-static BLOCK_POOL: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
-
-fn take_block_buf() -> AlignedBuf {
-    BLOCK_POOL.lock().expect("block pool").pop().unwrap_or_else(|| AlignedBuf::new(BLOCK as usize))
-}
+static BLOCK_POOL: AlignedPool = AlignedPool::new(BLOCK as usize, 40);
 
 /// Blocks the volume hasher may lag behind the reader (2 MiB each).
 const HASH_QUEUE: usize = 8;
@@ -230,7 +222,7 @@ fn read_volume(
 /// image whose size is not aligned reads short at the end); see [`direct::read_at`] for
 /// when they stop being direct.
 fn read_block(f: &File, direct: &mut bool, off: u64, len: usize) -> Result<BlockBuf, SourceError> {
-    let mut buf = take_block_buf();
+    let mut buf = BLOCK_POOL.take();
     let mut got = 0;
     while got < len {
         let at = off + got as u64;

@@ -60,6 +60,13 @@ struct Reply {
     refused: bool,
 }
 
+impl Reply {
+    /// The daemon did not try: the caller archives directly.
+    fn refused(error: String) -> Reply {
+        Reply { refused: true, error, ..Default::default() }
+    }
+}
+
 /// What became of a hand-off to the daemon.
 pub enum HandOff {
     /// Archived by the daemon.
@@ -166,20 +173,16 @@ pub async fn serve(listener: UnixListener, own_uid: u32, args: AgentArgs) {
             let (read, mut write) = stream.into_split();
             let reply = if uid != Some(own_uid) && uid != Some(0) {
                 tracing::warn!(?uid, own_uid, "WAL socket: refused a caller running as another user");
-                Reply {
-                    refused: true,
-                    error: format!("the daemon serves only its own user (uid {own_uid}); the caller is {uid:?}"),
-                    ..Default::default()
-                }
+                Reply::refused(format!("the daemon serves only its own user (uid {own_uid}); the caller is {uid:?}"))
             } else {
                 match tokio::time::timeout(REQUEST_TIMEOUT, read_line(read)).await {
                     Ok(Ok(Some(line))) => match serde_json::from_str::<Request>(&line) {
                         Ok(req) => push(&ctx, &args, req).await,
-                        Err(e) => Reply { refused: true, error: format!("bad request: {e}"), ..Default::default() },
+                        Err(e) => Reply::refused(format!("bad request: {e}")),
                     },
                     Ok(Ok(None)) => return,
-                    Ok(Err(e)) => Reply { refused: true, error: format!("bad request: {e}"), ..Default::default() },
-                    Err(_) => Reply { refused: true, error: "no request within 10 s".into(), ..Default::default() },
+                    Ok(Err(e)) => Reply::refused(format!("bad request: {e}")),
+                    Err(_) => Reply::refused("no request within 10 s".into()),
                 }
             };
             let mut line = serde_json::to_string(&reply).expect("reply serializes");

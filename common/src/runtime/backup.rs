@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use super::SourceError;
 use super::client::{ClientError, Coordinator, SignedManifest};
-use super::direct::AlignedBuf;
+use super::direct::{AlignedBuf, AlignedPool};
 use super::progress::Progress;
 use crate::chunker::{Chunker, ChunkerParams, Cut};
 use crate::crypto::{ChunkCipher, ChunkId, FileHasher};
@@ -544,7 +544,7 @@ fn read_and_chunk<R: Read + Send + 'static>(
                 Ok(b) => b,
                 Err(TryRecvError::Empty) if allocated < BUFFERS => {
                     allocated += 1;
-                    take_read_buffer()
+                    READ_BUFFERS.take()
                 }
                 Err(_) => match free_rx.recv() {
                     Ok(b) => b,
@@ -564,17 +564,17 @@ fn read_and_chunk<R: Read + Send + 'static>(
                     Ok(k) => n += k,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => {
-                        give_read_buffer(buf);
+                        READ_BUFFERS.give(buf);
                         return Err(e);
                     }
                 }
             }
             if n == 0 {
-                give_read_buffer(buf);
+                READ_BUFFERS.give(buf);
                 break;
             }
             if let Err(e) = read_tx.send((buf, n)) {
-                give_read_buffer(e.0.0);
+                READ_BUFFERS.give(e.0.0);
                 break;
             }
             total += n as u64;
@@ -583,7 +583,7 @@ fn read_and_chunk<R: Read + Send + 'static>(
             }
         }
         for b in free_rx.try_iter() {
-            give_read_buffer(b);
+            READ_BUFFERS.give(b);
         }
         Ok(total)
     });
@@ -622,7 +622,7 @@ fn read_and_chunk<R: Read + Send + 'static>(
                 }
             }
             if let Err(e) = free_tx.send(buf) {
-                give_read_buffer(e.0);
+                READ_BUFFERS.give(e.0);
             }
         }
         while let Some(c) = chunker.finish() {
@@ -652,22 +652,9 @@ enum WholeHash {
 
 /// Read buffers kept between files, so a backup of many small files does not allocate and
 /// zero four fresh 1 MiB buffers per file (measured: 4 GB of memset for a 1000-file
-/// PostgreSQL data directory). At most this many are kept. They are aligned, so a source
+/// PostgreSQL data directory); at most 16 are kept. They are aligned, so a source
 /// reading with [`super::direct::DirectReader`] fills them straight from the disk.
-const POOLED_READ_BUFFERS: usize = 16;
-static READ_BUFFER_POOL: Mutex<Vec<AlignedBuf>> = Mutex::new(Vec::new());
-
-fn take_read_buffer() -> AlignedBuf {
-    READ_BUFFER_POOL.lock().expect("read buffer pool").pop().unwrap_or_else(|| AlignedBuf::new(READ_BUFFER))
-}
-
-fn give_read_buffer(buf: AlignedBuf) {
-    let mut pool = READ_BUFFER_POOL.lock().expect("read buffer pool");
-    if pool.len() < POOLED_READ_BUFFERS && buf.len() == READ_BUFFER {
-        pool.push(buf);
-    }
-}
-
+static READ_BUFFERS: AlignedPool = AlignedPool::new(READ_BUFFER, 16);
 /// Batches ids, asks the coordinator which are missing, forwards only those (once each).
 async fn dedup_stage(
     coord: Coordinator,
