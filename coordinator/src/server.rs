@@ -285,6 +285,12 @@ pub async fn serve(
             }
         })
     });
+    // The gRPC port first: on a restart with the same explicit port, a metrics port of 0
+    // could otherwise be handed the gRPC port just freed and make the restart fail.
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: listen.to_string(), source })?;
+    let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: listen.to_string(), source })?;
     let metrics = match state.config.metrics_listen.as_str() {
         "off" => None,
         a => {
@@ -296,10 +302,6 @@ pub async fn serve(
             Some(tokio::spawn(crate::metrics::serve(l, state.clone(), shutdown.clone())))
         }
     };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServeError::Bind { addr: listen.to_string(), source })?;
-    let addr = listener.local_addr().map_err(|source| ServeError::Bind { addr: listen.to_string(), source })?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
 
     let router = Server::builder()
