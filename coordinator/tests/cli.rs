@@ -72,3 +72,28 @@ fn policy_show_prints_the_effective_table() {
         "{out}"
     );
 }
+
+/// A coordinator restarted on its old port while something holds that port: it exits with
+/// an error naming the address; once the port is free again it comes up on it (the test
+/// harness tries a restart again for a while, since parallel tests probe for free ports).
+#[test]
+fn a_taken_port_is_named_and_a_restart_comes_back_on_the_same_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let certs = kit::certs(&d.join("certs"), &[], &["ops"]);
+    let mut coord = kit::Coordinator::start(d, &certs, "");
+    let port = coord.port;
+    coord.stop();
+    let holder = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the stopped coordinator's port is free");
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(holder);
+    });
+    coord.launch();
+    release.join().unwrap();
+    assert_eq!(coord.port, port, "came back on its old port");
+    let refused = format!("cannot listen on 127.0.0.1:{port}: Address already in use");
+    assert!(coord.logs().contains(&refused), "the first try should have been refused:\n{}", coord.logs());
+    let status = coord.admin_json(&certs, "ListAssets", "{}");
+    assert!(status.is_object(), "answers after the restart: {status}");
+}

@@ -133,8 +133,27 @@ impl Coordinator {
         }
     }
 
-    /// Starts the process (again) and waits until it listens.
+    /// Starts the process (again) and waits until it listens. A restart binds the port it
+    /// had before; should another test's process hold that port for a moment (a port-0 probe
+    /// such as [`free_port`]), it tries again a few times.
     pub fn launch(&mut self) {
+        for attempt in 1.. {
+            let log_before = std::fs::metadata(&self.log).map_or(0, |m| m.len());
+            match self.try_launch() {
+                Ok(()) => return,
+                Err(()) => {
+                    let log = self.logs();
+                    let this_try = log.get(log_before as usize..).unwrap_or_default();
+                    if self.port == 0 || attempt == 5 || !this_try.contains("Address already in use") {
+                        panic!("coordinator did not start:\n{log}");
+                    }
+                    std::thread::sleep(Duration::from_millis(200 * attempt));
+                }
+            }
+        }
+    }
+
+    fn try_launch(&mut self) -> Result<(), ()> {
         let mut cmd = match self.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -177,13 +196,16 @@ impl Coordinator {
                 Ok(("grpc", u)) => break u,
                 Ok((_, m)) => self.metrics_url = m,
                 Err(_) => {
-                    panic!("coordinator did not start:\n{}", std::fs::read_to_string(&self.log).unwrap_or_default())
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(());
                 }
             }
         };
         self.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in the listening line");
         self.url = url;
         self.child = Some(child);
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
