@@ -85,15 +85,19 @@ fn a_taken_port_is_named_and_a_restart_comes_back_on_the_same_port() {
     let port = coord.port;
     coord.stop();
     let holder = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the stopped coordinator's port is free");
+    // Held until the coordinator has said why it cannot start, then let go.
+    let refused = format!("cannot listen on 127.0.0.1:{port}: Address already in use");
+    let (log, said) = (d.join("coordinator.log"), refused.clone());
     let release = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let seen = kit::wait_for("the refusal in the log", std::time::Duration::from_secs(60), || {
+            std::fs::read_to_string(&log).ok().filter(|l| l.contains(&said))
+        });
         drop(holder);
+        seen
     });
     coord.launch();
-    release.join().unwrap();
+    assert!(release.join().unwrap().contains(&refused));
     assert_eq!(coord.port, port, "came back on its old port");
-    let refused = format!("cannot listen on 127.0.0.1:{port}: Address already in use");
-    assert!(coord.logs().contains(&refused), "the first try should have been refused:\n{}", coord.logs());
     let status = coord.admin_json(&certs, "ListAssets", "{}");
     assert!(status.is_object(), "answers after the restart: {status}");
 }
