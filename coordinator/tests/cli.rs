@@ -87,7 +87,7 @@ fn a_taken_port_is_named_and_a_restart_comes_back_on_the_same_port() {
     let holder = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the stopped coordinator's port is free");
     // Held until the coordinator has said why it cannot start, then let go.
     let refused = format!("cannot listen on 127.0.0.1:{port}: Address already in use");
-    let (log, said) = (d.join("coordinator.log"), refused.clone());
+    let (log, said) = (coord.log.clone(), refused.clone());
     let release = std::thread::spawn(move || {
         let seen = kit::wait_for("the refusal in the log", std::time::Duration::from_secs(60), || {
             std::fs::read_to_string(&log).ok().filter(|l| l.contains(&said))
