@@ -434,7 +434,17 @@ impl BlockSource {
     async fn restore_blocks(&self, reader: &SnapshotReader, target: &Path) -> Result<(), SourceError> {
         let m = reader.manifest();
         let size = manifest_size(m)?;
+        let existed = target.exists();
         let buffered = open_target(target, size, self.force)?;
+        // From here on the target is being written: an existing device or image (--force)
+        // cannot be put back, so a failure says what it now holds.
+        let partial = |msg: String| -> SourceError {
+            if existed {
+                failed(format!("{msg}; {} now holds a partial restore", target.display()))
+            } else {
+                failed(msg)
+            }
+        };
         let direct = {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
@@ -458,14 +468,18 @@ impl BlockSource {
         // Each block is one chunk, authenticated as it is decrypted; hashing it again would
         // double the restore's CPU. The drill hashes the whole volume against the manifest.
         reader.restore_into(&paths, FileCheck::ChunksOnly, open, |_, _| Ok(())).await.map_err(|e| match e {
-            ClientError::Corrupt { .. } => failed(with_block_offset(&e.to_string())),
+            ClientError::Corrupt { .. } => partial(with_block_offset(&e.to_string())),
+            ClientError::Io { context, source } => {
+                partial(format!("{} into {}: {source}", with_block_offset(&context), target.display()))
+            }
+            e if existed => partial(e.to_string()),
             e => e.into(),
         })?;
+        let sync = |f: &File| f.sync_all().map_err(|e| partial(format!("syncing {}: {e}", target.display())));
         if let Some(d) = &file.direct {
-            d.sync_all().map_err(SourceError::io(format!("syncing {}", target.display())))?;
+            sync(d)?;
         }
-        file.buffered.sync_all().map_err(SourceError::io(format!("syncing {}", target.display())))?;
-        Ok(())
+        sync(&file.buffered)
     }
 
     /// The drill's check: the whole restored volume hashed against the manifest.

@@ -68,6 +68,20 @@ fn blocks_holes_changed_blocks_sparse_restore_and_drill() {
     kit::ok(agent(&coord, &certs, dir, &img).args(["--force", "restore", "--snapshot", &first, "--to"]).arg(&restored));
     assert_eq!(sha256(&restored), original);
 
+    // A destination whose disk is too small for the volume's data: the restore fails naming
+    // the block (by volume offset), the destination and the cause, and leaves no image.
+    let small_fs = dir.join("small-fs");
+    std::fs::create_dir(&small_fs).unwrap();
+    let mut restore = agent(&coord, &certs, dir, &img);
+    restore.args(["restore", "--snapshot", &first, "--to"]).arg(small_fs.join("full.img"));
+    let o = kit::run(&mut kit::on_small_tmpfs(&restore, &small_fs, "8m"));
+    let err = kit::stderr(&o);
+    assert!(!o.status.success(), "24 MiB of data cannot fit in 8 MiB: {err}");
+    for want in ["No space left on device", "volume offset", "full.img", "partial restore", "removed"] {
+        assert!(err.contains(want), "{want:?} in: {err}");
+    }
+    assert_eq!(kit::stdout(&o).lines().last(), Some("left: "), "no image left behind");
+
     // The drill: restore, every block and the whole-volume hash, then e2fsck read-only.
     let d = kit::ok(agent(&coord, &certs, dir, &img).args(["drill", "--scratch"]).arg(dir));
     assert!(d.contains("passed") && d.contains("e2fsck -f -n found the ext4 filesystem clean"), "{d}");
@@ -125,6 +139,7 @@ fn blocks_holes_changed_blocks_sparse_restore_and_drill() {
     let o = kit::run(agent(&coord, &certs, dir, &img).args(["restore", "--snapshot", &first, "--to"]).arg(&to));
     let err = kit::stderr(&o);
     assert!(!o.status.success() && err.contains("corrupt") && err.contains("volume offset"), "{err}");
+    assert!(!to.exists(), "a restore that failed leaves no image behind");
 }
 
 /// A fake Longhorn manager: Longhorn itself cannot run here. It serves the v1 API's shapes

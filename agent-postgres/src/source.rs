@@ -227,6 +227,66 @@ fn index_level(chunk: &[u8], level: i32) -> i32 {
     if starts_with_special_space_page(chunk) { level.max(4) } else { level }
 }
 
+impl PgSource {
+    /// [`Source::restore`] into a prepared `target`, tablespaces under `tablespace_root`.
+    async fn restore_into(
+        &self,
+        reader: &SnapshotReader,
+        target: &Path,
+        tablespace_root: &Path,
+    ) -> Result<(), SourceError> {
+        let m = reader.manifest();
+        let str_list = |k: &str| -> Vec<String> {
+            m.source
+                .get(k)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        };
+        let tablespaces: Vec<String> = m
+            .source
+            .get("tablespaces")
+            .and_then(Value::as_object)
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        // pg_tblspc/<oid>/... lands in <target>.tablespaces/<oid>/..., linked from pg_tblspc.
+        let place = |rel: &str| -> PathBuf {
+            for oid in &tablespaces {
+                let prefix = format!("pg_tblspc/{oid}");
+                if rel == prefix {
+                    return tablespace_root.join(oid);
+                }
+                if let Some(rest) = rel.strip_prefix(&format!("{prefix}/")) {
+                    return tablespace_root.join(oid).join(rest);
+                }
+            }
+            target.join(rel)
+        };
+        for d in str_list("dirs") {
+            if !coffer_common::manifest::is_safe_relative_path(&d) {
+                return Err(failed(format!("manifest names an unsafe directory {d:?}")));
+            }
+            let p = place(&d);
+            std::fs::create_dir_all(&p).map_err(SourceError::io(format!("creating {}", p.display())))?;
+        }
+        for oid in &tablespaces {
+            let link = target.join("pg_tblspc").join(oid);
+            let dest = tablespace_root.join(oid);
+            std::fs::create_dir_all(&dest).map_err(SourceError::io(format!("creating {}", dest.display())))?;
+            if link.is_dir() && !link.is_symlink() {
+                std::fs::remove_dir(&link).map_err(SourceError::io(format!("replacing {}", link.display())))?;
+            }
+            std::os::unix::fs::symlink(&dest, &link).map_err(SourceError::io(format!("linking {}", link.display())))?;
+        }
+        let files: Vec<(String, PathBuf)> = m.files.iter().map(|f| (f.path.clone(), place(&f.path))).collect();
+        reader.restore_files(&files).await?;
+        recovery::write_recovery(target, m, &self.recovery, self.restore_config.as_ref())?;
+        Ok(())
+    }
+}
+
 impl Source for PgSource {
     fn kind(&self) -> &'static str {
         "postgres"
@@ -337,55 +397,19 @@ impl Source for PgSource {
             return Err(failed(format!("{} is a WAL stream entry, not a base backup", m.snapshot)));
         }
         recovery::prepare_target(target)?;
-        let str_list = |k: &str| -> Vec<String> {
-            m.source
-                .get(k)
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        };
+        // Tablespaces land beside the target; if that directory is this restore's, a failed
+        // restore takes it away as the caller takes away the target.
         let tablespace_root = recovery::tablespace_root(target);
-        let tablespaces: Vec<String> = m
-            .source
-            .get("tablespaces")
-            .and_then(Value::as_object)
-            .map(|o| o.keys().cloned().collect())
-            .unwrap_or_default();
-        // pg_tblspc/<oid>/... lands in <target>.tablespaces/<oid>/..., linked from pg_tblspc.
-        let place = |rel: &str| -> PathBuf {
-            for oid in &tablespaces {
-                let prefix = format!("pg_tblspc/{oid}");
-                if rel == prefix {
-                    return tablespace_root.join(oid);
-                }
-                if let Some(rest) = rel.strip_prefix(&format!("{prefix}/")) {
-                    return tablespace_root.join(oid).join(rest);
-                }
-            }
-            target.join(rel)
-        };
-        for d in str_list("dirs") {
-            if !coffer_common::manifest::is_safe_relative_path(&d) {
-                return Err(failed(format!("manifest names an unsafe directory {d:?}")));
-            }
-            let p = place(&d);
-            std::fs::create_dir_all(&p).map_err(SourceError::io(format!("creating {}", p.display())))?;
+        let ours = !tablespace_root.exists();
+        let restored = self.restore_into(reader, target, &tablespace_root).await;
+        if restored.is_err()
+            && ours
+            && tablespace_root.exists()
+            && let Err(e) = std::fs::remove_dir_all(&tablespace_root)
+        {
+            tracing::warn!("could not remove the partial restore's {}: {e}", tablespace_root.display());
         }
-        for oid in &tablespaces {
-            let link = target.join("pg_tblspc").join(oid);
-            let dest = tablespace_root.join(oid);
-            std::fs::create_dir_all(&dest).map_err(SourceError::io(format!("creating {}", dest.display())))?;
-            if link.is_dir() && !link.is_symlink() {
-                std::fs::remove_dir(&link).map_err(SourceError::io(format!("replacing {}", link.display())))?;
-            }
-            std::os::unix::fs::symlink(&dest, &link).map_err(SourceError::io(format!("linking {}", link.display())))?;
-        }
-        let files: Vec<(String, PathBuf)> = m.files.iter().map(|f| (f.path.clone(), place(&f.path))).collect();
-        reader.restore_files(&files).await?;
-        recovery::write_recovery(target, m, &self.recovery, self.restore_config.as_ref())?;
-        Ok(())
+        restored
     }
 
     async fn verify(&self, manifest: &Manifest, target: &Path) -> Result<VerifyReport, SourceError> {

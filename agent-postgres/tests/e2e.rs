@@ -315,6 +315,20 @@ fn point_in_time_restore_is_exact_and_the_drill_proves_it() {
     assert!(!o.status.success());
     assert!(kit::stderr(&o).contains("after the recovery window"), "{}", kit::stderr(&o));
     assert!(!d.join("x").exists() && !d.join("y").exists(), "a refused restore writes nothing");
+
+    // A restore onto a disk too small for the cluster fails naming the file and the cause,
+    // and takes away the partial data directory.
+    let small = d.join("small-fs");
+    std::fs::create_dir(&small).unwrap();
+    let mut restore = pg_agent(&coord, &certs, d, &pg);
+    restore.args(["restore", "--to"]).arg(small.join("pgdata"));
+    let o = kit::run(&mut kit::on_small_tmpfs(&restore, &small, "8m"));
+    let err = kit::stderr(&o);
+    assert!(!o.status.success(), "the cluster cannot fit in 8 MiB: {err}");
+    for want in ["writing \"", "No space left on device", "partial restore", "removed"] {
+        assert!(err.contains(want), "{want:?} in: {err}");
+    }
+    assert_eq!(kit::stdout(&o).lines().last(), Some("left: "), "no partial data directory left behind");
     coord.stop();
 }
 

@@ -26,6 +26,33 @@ pub fn run(cmd: &mut Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
 }
 
+/// `cmd` with `dir` a tmpfs of `size` of its own, in a private mount namespace: the real
+/// ENOSPC path. The last line of its output is `left: ` and what `dir` holds once `cmd` has
+/// exited. As root, a mount namespace alone (files of other users, such as a test's
+/// `postgres`-owned ones, stay readable); otherwise also a user namespace, so no root is
+/// needed.
+pub fn on_small_tmpfs(cmd: &Command, dir: &Path, size: &str) -> Command {
+    let script = r#"mount -t tmpfs -o "size=$COFFER_TEST_SIZE" tmpfs "$COFFER_TEST_DIR" && "$0" "$@"
+rc=$?; echo "left: $(ls -A "$COFFER_TEST_DIR")"; exit $rc"#;
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+    let mut c = Command::new("unshare");
+    if !root {
+        c.args(["--user", "--map-root-user"]);
+    }
+    c.args(["--mount", "sh", "-c", script]).arg(cmd.get_program()).args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    if let Some(cwd) = cmd.get_current_dir() {
+        c.current_dir(cwd);
+    }
+    c.env("COFFER_TEST_DIR", dir).env("COFFER_TEST_SIZE", size);
+    c
+}
+
 /// Runs and requires success; returns stdout.
 pub fn ok(cmd: &mut Command) -> String {
     let out = run(cmd);

@@ -94,6 +94,9 @@ pub enum CliError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    /// A restore that failed, with what became of what it had written.
+    #[error("{source}; {aftermath}")]
+    RestoreFailed { source: Box<CliError>, aftermath: String },
 }
 
 /// A connected agent: coordinator session, identity, asset and its keyring.
@@ -262,10 +265,73 @@ async fn backup_inner<S: Source>(ctx: &AgentContext, source: &S, job_id: &str) -
     }
 }
 
-/// Restore a snapshot into `to`, then verify it with the source's own check.
+/// Restore a snapshot into `to`, then verify it with the source's own check. A restore that
+/// fails or does not verify takes away what it wrote, so that nothing half-restored is
+/// mistaken for a good copy and the same command can simply be run again: a destination
+/// that did not exist is removed, a directory that was empty is emptied again. A
+/// destination that held something is left alone (a source that overwrites one, such as a
+/// device with `--force`, says so in its own error).
 pub async fn restore<S: Source>(ctx: &AgentContext, source: &S, snapshot: &str, to: &Path) -> Result<(), CliError> {
     let span = tracing::info_span!("restore", asset = %ctx.asset, snapshot);
-    restore_inner(ctx, source, snapshot, to).instrument(span).await
+    let before = Destination::inspect(to);
+    match restore_inner(ctx, source, snapshot, to).instrument(span).await {
+        Ok(()) => Ok(()),
+        Err(e) => match before.discard_partial(to) {
+            Some(aftermath) => Err(CliError::RestoreFailed { source: Box::new(e), aftermath }),
+            None => Err(e),
+        },
+    }
+}
+
+/// What a restore's destination held before the restore began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Destination {
+    /// Nothing there: everything at the path afterwards is the restore's.
+    Absent,
+    /// An empty directory: everything in it afterwards is the restore's.
+    EmptyDir,
+    /// Anything else (a device, an image, a directory with files): not ours to remove.
+    Occupied,
+}
+
+impl Destination {
+    fn inspect(to: &Path) -> Destination {
+        match std::fs::symlink_metadata(to) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Destination::Absent,
+            Ok(m) if m.is_dir() && std::fs::read_dir(to).is_ok_and(|mut d| d.next().is_none()) => Destination::EmptyDir,
+            _ => Destination::Occupied,
+        }
+    }
+
+    /// Takes away what a failed restore wrote at `to`; says what it did, or `None` when
+    /// it did nothing (the restore never wrote there, or the destination is not ours).
+    fn discard_partial(self, to: &Path) -> Option<String> {
+        let shown = to.display();
+        let result = match self {
+            Destination::Occupied => return None,
+            Destination::Absent => match std::fs::symlink_metadata(to) {
+                Err(_) => return None,
+                Ok(m) if m.is_dir() => std::fs::remove_dir_all(to),
+                Ok(_) => std::fs::remove_file(to),
+            },
+            Destination::EmptyDir => std::fs::read_dir(to).and_then(|entries| {
+                for entry in entries {
+                    let path = entry?.path();
+                    match std::fs::symlink_metadata(&path) {
+                        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path)?,
+                        _ => std::fs::remove_file(&path)?,
+                    }
+                }
+                Ok(())
+            }),
+        };
+        Some(match result {
+            Ok(()) => format!("the partial restore at {shown} was removed"),
+            Err(e) => {
+                format!("the partial restore at {shown} could not be removed ({e}); remove it before using the path")
+            }
+        })
+    }
 }
 
 async fn restore_inner<S: Source>(ctx: &AgentContext, source: &S, snapshot: &str, to: &Path) -> Result<(), CliError> {
@@ -367,4 +433,54 @@ pub async fn list(ctx: &AgentContext) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_restore_takes_away_only_what_it_wrote() {
+        let tmp = tempfile::tempdir().unwrap();
+        let at = |p: &str| tmp.path().join(p);
+
+        // Nothing there before: a file or a whole tree written since is removed.
+        let file = at("restored.img");
+        let before = Destination::inspect(&file);
+        assert_eq!(before, Destination::Absent);
+        assert_eq!(before.discard_partial(&file), None, "nothing written, nothing to say");
+        std::fs::write(&file, b"partial").unwrap();
+        assert!(before.discard_partial(&file).unwrap().contains("removed"));
+        assert!(!file.exists());
+        let dir = at("pgdata");
+        let before = Destination::inspect(&dir);
+        std::fs::create_dir_all(dir.join("base/5")).unwrap();
+        std::fs::write(dir.join("base/5/1259"), b"page").unwrap();
+        assert!(before.discard_partial(&dir).unwrap().contains("removed"));
+        assert!(!dir.exists());
+
+        // An empty directory: emptied again, and kept.
+        let empty = at("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let before = Destination::inspect(&empty);
+        assert_eq!(before, Destination::EmptyDir);
+        std::fs::create_dir_all(empty.join("global")).unwrap();
+        std::fs::write(empty.join("PG_VERSION"), b"15").unwrap();
+        std::os::unix::fs::symlink("/nonexistent", empty.join("link")).unwrap();
+        assert!(before.discard_partial(&empty).unwrap().contains("removed"));
+        assert!(empty.is_dir() && std::fs::read_dir(&empty).unwrap().next().is_none());
+
+        // Something there before (a directory with files, an image): never touched.
+        let full = at("full");
+        std::fs::create_dir(&full).unwrap();
+        std::fs::write(full.join("keep"), b"mine").unwrap();
+        let before = Destination::inspect(&full);
+        assert_eq!(before, Destination::Occupied);
+        assert_eq!(before.discard_partial(&full), None);
+        assert_eq!(std::fs::read(full.join("keep")).unwrap(), b"mine");
+        let image = at("existing.img");
+        std::fs::write(&image, b"old").unwrap();
+        assert_eq!(Destination::inspect(&image).discard_partial(&image), None);
+        assert!(image.exists());
+    }
 }

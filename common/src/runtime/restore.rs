@@ -325,14 +325,19 @@ impl SnapshotReader {
         // The writer is a thread of its own, not a blocking-pool task: it lives as long as the
         // lane, and lanes must not use up the pool the batches are decrypted on.
         let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+        let write_entries = entries.clone();
         let mut writer = move || {
             let mut open = |j: usize| open(files[j]);
             let mut finish = |j: usize, w: W| finish(files[j], w);
             let mut walk = Walk::default();
             while let Some((j, (mut extent, permit))) = rx.blocking_recv() {
                 let w = walk.at(j, &mut open, &mut finish)?;
-                w.write_extent(&mut extent)
-                    .map_err(|source| ClientError::Io { context: format!("writing file #{}", files[j]), source })?;
+                // Named by its path in the snapshot: under the restore's destination for a
+                // directory, or a volume block that the source turns into a device offset.
+                w.write_extent(&mut extent).map_err(|source| ClientError::Io {
+                    context: format!("writing {:?}", write_entries[files[j]].path),
+                    source,
+                })?;
                 if hash_tx.send((j, (extent, permit))).is_err() {
                     return Ok(()); // the hasher stopped; its error is reported
                 }
