@@ -356,6 +356,26 @@ async fn message_and_frame_limits() {
 }
 
 #[tokio::test]
+async fn racing_first_registrations_bind_exactly_one_key() {
+    let s = start().await;
+    // Two agents presenting the same certificate with different signing keys, both first:
+    // one key is bound, the other refused, whichever way the calls interleave.
+    for name in ["agent-git-1", "agent-intruder"] {
+        let creds = creds(&s, name);
+        let tls = creds.tls();
+        let (a, b) = (AgentIdentity::generate("a"), AgentIdentity::generate("b"));
+        let (ra, rb) = tokio::join!(Coordinator::connect(&tls, &a, &["git"]), Coordinator::connect(&tls, &b, &["git"]));
+        let errors: Vec<String> = [&ra, &rb].iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
+        assert_eq!(errors.len(), 1, "{name}: exactly one of two racing keys is bound: {errors:?}");
+        assert!(errors[0].contains("signing key"), "{}", errors[0]);
+        // The bound key keeps working; the other stays refused.
+        let (winner, loser) = if ra.is_ok() { (&a, &b) } else { (&b, &a) };
+        Coordinator::connect(&tls, winner, &["git"]).await.unwrap();
+        assert!(Coordinator::connect(&tls, loser, &["git"]).await.is_err(), "{name}: the losing key stays refused");
+    }
+}
+
+#[tokio::test]
 async fn roles_are_enforced() {
     let s = start().await;
     let me = AgentIdentity::generate("me");

@@ -79,6 +79,9 @@ impl AgentApi {
         if !r.age_recipient.starts_with("age1") {
             return Err(ServiceError::InvalidArgument(format!("{:?} is not an age recipient", r.age_recipient)));
         }
+        // From the key check to the binding of a first key, one Hello at a time: a racing
+        // first Hello with another key then finds this one's key bound and is refused.
+        let registering = st.registration_lock.lock().await;
         let expected = match &grant.signing_key {
             Some(pinned) => Some(pinned.clone()),
             None => st.agent_key(&who.name).await?,
@@ -104,6 +107,7 @@ impl AgentApi {
             let (repo, name, key) = (st.repo.clone(), who.name.clone(), r.signing_key.clone());
             blocking(move || repo.write_agent_key(&name, &key)).await??;
         }
+        drop(registering);
         match st.catalog.upsert_agent(&who.name, r.signing_key.trim(), &r.age_recipient, &r.agent_version).await {
             Ok(()) => {}
             Err(e) if known => tracing::warn!(agent = %who, "could not record the agent's last contact: {e}"),

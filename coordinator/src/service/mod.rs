@@ -22,6 +22,9 @@ pub struct State {
     pub catalog: Catalog,
     /// Serializes keyring creation so exactly one envelope wins per asset.
     pub keyring_lock: tokio::sync::Mutex<()>,
+    /// Serializes the check and the binding of agents' signing keys, so two first Hellos of
+    /// one identity with different keys cannot both be accepted.
+    pub registration_lock: tokio::sync::Mutex<()>,
     /// Connected agent daemons.
     pub sessions: crate::sessions::Sessions,
     /// Background jobs and their state.
@@ -54,6 +57,7 @@ impl State {
             repo,
             catalog,
             keyring_lock: Default::default(),
+            registration_lock: Default::default(),
             sessions: Default::default(),
             jobs: Default::default(),
             trigger_lock: Default::default(),
