@@ -91,7 +91,7 @@ fn the_scheduler_drives_two_daemons_and_freshness_follows() {
     assert!(agents["agents"].as_array().unwrap().iter().all(|a| a["connected"] == true), "{agents}");
     let jobs = admin(&coord, &certs, "ListJobs", "{}");
     let names: Vec<&str> = jobs["jobs"].as_array().unwrap().iter().map(|j| j["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["retention", "scheduler"], "{jobs}");
+    assert_eq!(names, ["abandoned-backups", "retention", "scheduler"], "{jobs}");
     assert!(jobs["jobs"].as_array().unwrap().iter().all(|j| j["state"] == "running"), "{jobs}");
 
     // Never two backups of one asset at once: attempts of an asset do not overlap.

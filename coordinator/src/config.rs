@@ -57,6 +57,11 @@ pub struct Config {
     /// backup that its retry will deduplicate against.
     #[serde(default = "default_gc_grace", with = "serde_duration")]
     pub gc_grace: Duration,
+    /// An open backup with no upload stream running and no sign of its agent for this long
+    /// is aborted: the agent is gone, and an open backup holds off prune's pack collection
+    /// for its asset. `0s`: never (a coordinator restart still aborts them).
+    #[serde(default = "default_open_backup_timeout", with = "serde_duration")]
+    pub open_backup_timeout: Duration,
     /// Agents by name (the NAME of spiffe://coffer/agent/NAME).
     #[serde(default)]
     pub agents: BTreeMap<String, AgentGrant>,
@@ -137,6 +142,9 @@ fn default_retention_interval() -> Duration {
 }
 fn default_gc_grace() -> Duration {
     Duration::from_secs(86_400)
+}
+fn default_open_backup_timeout() -> Duration {
+    Duration::from_secs(3600)
 }
 fn default_repack_waste() -> f64 {
     0.3

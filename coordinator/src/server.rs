@@ -229,6 +229,22 @@ pub async fn serve(
             }
         })
     });
+    let abandoned = (!state.config.open_backup_timeout.is_zero()).then(|| {
+        let state = state.clone();
+        let timeout = state.config.open_backup_timeout;
+        let every = (timeout / 4).clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(60));
+        let jobs = state.jobs.clone();
+        jobs.spawn("abandoned-backups", every, crate::scheduler::system_now_ms, shutdown.clone(), move || {
+            let state = state.clone();
+            async move {
+                state
+                    .abort_abandoned_backups(crate::scheduler::system_now_ms())
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            }
+        })
+    });
     if !state.config.targets.is_empty() {
         let state = state.clone();
         tokio::spawn(async move {
@@ -336,6 +352,9 @@ pub async fn serve(
     }
     if let Some(r) = replication {
         let _ = r.await;
+    }
+    if let Some(a) = abandoned {
+        let _ = a.await;
     }
     if let Some(v) = verify {
         let _ = v.await;

@@ -27,11 +27,16 @@ impl Drop for Server {
 }
 
 async fn start() -> Server {
+    start_with("").await
+}
+
+/// A coordinator whose config has `extra` top-level keys.
+async fn start_with(extra: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("certs");
     coffer_coordinator::certs::init(&certs, &["git-1".into(), "intruder".into()], &["ops".into()]).unwrap();
     let config: coffer_coordinator::config::Config = toml::from_str(&format!(
-        "metrics-listen = \"127.0.0.1:0\"\ntls-cert = {:?}\ntls-key = {:?}\ntls-ca = {:?}\n[agents.git-1]\nassets = [\"git/*\"]\n[agents.intruder]\nassets = [\"git/*\"]\n",
+        "{extra}metrics-listen = \"127.0.0.1:0\"\ntls-cert = {:?}\ntls-key = {:?}\ntls-ca = {:?}\n[agents.git-1]\nassets = [\"git/*\"]\n[agents.intruder]\nassets = [\"git/*\"]\n",
         certs.join("coordinator.pem"),
         certs.join("coordinator.key"),
         certs.join("ca.pem")
@@ -353,6 +358,39 @@ async fn message_and_frame_limits() {
     // Over the transport's message limit: refused before it is buffered whole.
     let st = upload(coffer_common::tls::MAX_MESSAGE_SIZE + 1).await.unwrap_err();
     assert!(matches!(st.code(), Code::ResourceExhausted | Code::OutOfRange | Code::Internal), "{st:?}");
+}
+
+#[tokio::test]
+async fn a_backup_whose_agent_vanished_is_aborted_and_one_still_uploading_is_not() {
+    let s = start_with("open-backup-timeout = \"1s\"\n").await;
+    connect(&s, "agent-git-1", &AgentIdentity::generate("me")).await;
+    let mut raw = raw_agent(&s, "agent-git-1");
+    // Begun, then nothing: its agent is gone.
+    let gone = begin(&mut raw).await;
+    // Begun with an upload stream that stays open past the timeout (a long upload).
+    let live = begin(&mut raw).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::UploadChunksRequest { snapshot_id: live.clone(), id: vec![], data: Default::default() }).await.unwrap();
+    let mut acks =
+        raw.clone().upload_chunks(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+
+    let commit = |snapshot: String| {
+        let mut raw = raw.clone();
+        async move { raw.commit_backup(pb::CommitBackupRequest { snapshot_id: snapshot, ..Default::default() }).await }
+    };
+    let st = commit(gone.clone()).await.unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("aborted"), "the idle backup was aborted: {}", st.message());
+    // The uploading one is still open: its stream takes a chunk, and only a commit's own
+    // checks stand in its way (an empty manifest is no manifest).
+    tx.send(pb::UploadChunksRequest { snapshot_id: String::new(), id: vec![5; 32], data: vec![1; 100].into() })
+        .await
+        .unwrap();
+    let ack = acks.message().await.unwrap().expect("an acknowledgement");
+    assert_eq!(ack.id, vec![5; 32]);
+    let st = commit(live.clone()).await.unwrap_err();
+    assert_eq!(st.code(), Code::InvalidArgument, "the live backup is still open: {st:?}");
 }
 
 #[tokio::test]

@@ -155,6 +155,7 @@ impl AgentApi {
             }
             self.state.catalog.begin_backup(&snapshot, asset_id, &who.name).await?;
         }
+        self.state.backup_activity.touch(&snapshot, crate::scheduler::system_now_ms());
         let job = &req.get_ref().job_id;
         if job.is_empty() {
             // The agent's own initiative ("on change" sources, an operator's CLI run).
@@ -426,8 +427,11 @@ impl AgentService for AgentApi {
         }
         let (tx, rx) = mpsc::channel(64);
         let state = self.state.clone();
+        // While the stream is open the backup is alive, however long its upload takes.
+        let alive = state.backup_activity.stream(&backup.snapshot_id, crate::scheduler::system_now_ms);
         tokio::spawn(
             async move {
+                let _alive = alive;
                 if let Err(e) = upload(state, backup, first, inbound, tx.clone()).await {
                     tracing::warn!("upload failed: {e}");
                     let _ = tx.send(Err(e.into())).await;

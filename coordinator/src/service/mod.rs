@@ -22,6 +22,8 @@ pub struct State {
     pub catalog: Catalog,
     /// Serializes keyring creation so exactly one envelope wins per asset.
     pub keyring_lock: tokio::sync::Mutex<()>,
+    /// When each open backup last showed life, for aborting those whose agent is gone.
+    pub backup_activity: std::sync::Arc<BackupActivity>,
     /// Serializes the check and the binding of agents' signing keys, so two first Hellos of
     /// one identity with different keys cannot both be accepted.
     pub registration_lock: tokio::sync::Mutex<()>,
@@ -58,6 +60,7 @@ impl State {
             catalog,
             keyring_lock: Default::default(),
             registration_lock: Default::default(),
+            backup_activity: Default::default(),
             sessions: Default::default(),
             jobs: Default::default(),
             trigger_lock: Default::default(),
@@ -178,11 +181,84 @@ impl State {
     }
 
     /// The registered signing key of an agent (catalog, then repository).
+    /// Aborts the open backups that [`BackupActivity::idle`] finds idle for longer than
+    /// `open-backup-timeout`; returns their snapshot ids.
+    pub async fn abort_abandoned_backups(&self, now_ms: i64) -> Result<Vec<String>> {
+        let timeout = self.config.open_backup_timeout;
+        let open: Vec<(String, i64)> =
+            self.catalog.all_open_backups().await?.into_iter().map(|(id, begun)| (id, begun * 1000)).collect();
+        let idle = self.backup_activity.idle(&open, now_ms, timeout.as_millis() as i64);
+        for (snapshot, idle_ms) in &idle {
+            let reason = format!(
+                "abandoned: no upload stream and no call from its agent for {}s (open-backup-timeout {})",
+                idle_ms / 1000,
+                coffer_common::units::format_duration(timeout)
+            );
+            self.catalog.end_backup(snapshot, "aborted", Some(&reason)).await?;
+            tracing::warn!(%snapshot, "backup aborted: {reason}");
+        }
+        Ok(idle.into_iter().map(|(id, _)| id).collect())
+    }
+
     pub async fn agent_key(&self, agent: &str) -> Result<Option<String>> {
         if let Some(a) = self.catalog.agent(agent).await? {
             return Ok(Some(a.signing_key));
         }
         Ok(self.repo.read_agent_key(agent)?)
+    }
+}
+
+/// Signs of life of open backups: when each was begun or last had an upload stream open or
+/// end, and how many upload streams it has open now. In memory only: a restart aborts
+/// every open backup anyway.
+#[derive(Default)]
+pub struct BackupActivity(std::sync::Mutex<std::collections::HashMap<String, (i64, u32)>>);
+
+impl BackupActivity {
+    /// `snapshot` shows life at `now_ms` (begun, or an upload stream opened or ended).
+    pub fn touch(&self, snapshot: &str, now_ms: i64) {
+        let mut m = self.0.lock().expect("backup activity");
+        m.entry(snapshot.to_string()).or_insert((now_ms, 0)).0 = now_ms;
+    }
+
+    /// An upload stream of `snapshot` is open until the returned guard is dropped.
+    pub fn stream(self: &std::sync::Arc<Self>, snapshot: &str, now_ms: fn() -> i64) -> StreamGuard {
+        let mut m = self.0.lock().expect("backup activity");
+        let e = m.entry(snapshot.to_string()).or_insert((now_ms(), 0));
+        *e = (now_ms(), e.1 + 1);
+        StreamGuard { activity: self.clone(), snapshot: snapshot.to_string(), now_ms }
+    }
+
+    /// Of the open backups `open` (snapshot id, begun at in ms), those with no upload
+    /// stream open and no sign of life for longer than `timeout_ms`, each with its idle
+    /// time in ms. Entries of backups no longer open are dropped.
+    pub fn idle(&self, open: &[(String, i64)], now_ms: i64, timeout_ms: i64) -> Vec<(String, i64)> {
+        let mut m = self.0.lock().expect("backup activity");
+        let ids: std::collections::HashSet<&str> = open.iter().map(|(id, _)| id.as_str()).collect();
+        m.retain(|id, _| ids.contains(id.as_str()));
+        open.iter()
+            .filter_map(|(id, begun_ms)| {
+                let (last, streams) = m.get(id).copied().unwrap_or((*begun_ms, 0));
+                let idle = now_ms - last;
+                (streams == 0 && idle > timeout_ms).then(|| (id.clone(), idle))
+            })
+            .collect()
+    }
+}
+
+/// An open upload stream (see [`BackupActivity::stream`]); its end is a sign of life too.
+pub struct StreamGuard {
+    activity: std::sync::Arc<BackupActivity>,
+    snapshot: String,
+    now_ms: fn() -> i64,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut m = self.activity.0.lock().expect("backup activity");
+        if let Some(e) = m.get_mut(&self.snapshot) {
+            *e = ((self.now_ms)(), e.1.saturating_sub(1));
+        }
     }
 }
 
@@ -215,4 +291,38 @@ pub fn rpc_span<T>(method: &'static str, req: &Request<T>) -> tracing::Span {
     let span = tracing::info_span!("rpc", method, peer = %peer);
     coffer_common::telemetry::link_to_caller(&span, req.metadata());
     span
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicI64, Ordering};
+
+    static NOW: AtomicI64 = AtomicI64::new(0);
+    fn now() -> i64 {
+        NOW.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn a_backup_is_idle_only_with_no_stream_and_no_sign_of_life_for_the_timeout() {
+        let a = std::sync::Arc::new(BackupActivity::default());
+        let open = |ids: &[(&str, i64)]| ids.iter().map(|(id, t)| (id.to_string(), *t)).collect::<Vec<_>>();
+        a.touch("begun", 1_000);
+        NOW.store(2_000, Ordering::Relaxed);
+        let stream = a.stream("streaming", now);
+        // "unknown" was begun by an earlier coordinator process: its begin time counts.
+        let all = open(&[("begun", 1_000), ("streaming", 500), ("unknown", 0)]);
+        assert_eq!(a.idle(&all, 5_000, 10_000), vec![], "nothing idle for 10 s yet");
+        let idle = a.idle(&all, 12_500, 10_000);
+        assert_eq!(idle, vec![("begun".to_string(), 11_500), ("unknown".to_string(), 12_500)]);
+        assert!(a.idle(&all, 1_000_000, 10_000).iter().all(|(id, _)| id != "streaming"), "an open stream is alive");
+        // The stream's end is its last sign of life.
+        NOW.store(20_000, Ordering::Relaxed);
+        drop(stream);
+        assert!(a.idle(&all, 25_000, 10_000).iter().all(|(id, _)| id != "streaming"));
+        assert!(a.idle(&all, 30_001, 10_000).iter().any(|(id, idle)| id == "streaming" && *idle == 10_001));
+        // Backups no longer open are forgotten.
+        assert_eq!(a.idle(&open(&[]), 40_000, 10_000), vec![]);
+        assert!(a.0.lock().unwrap().is_empty());
+    }
 }
