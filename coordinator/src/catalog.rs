@@ -901,25 +901,17 @@ impl Catalog {
             .is_some())
     }
 
-    /// Every open backup: (snapshot id, started_at).
-    pub async fn all_open_backups(&self) -> Result<Vec<(String, i64)>> {
-        Ok(sqlx::query("SELECT snapshot_id, started_at FROM backups WHERE state = 'open'")
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
-    }
-
-    /// Open backups of an asset: (snapshot id, started_at).
-    pub async fn open_backups(&self, asset_id: i64) -> Result<Vec<(String, i64)>> {
-        Ok(sqlx::query("SELECT snapshot_id, started_at FROM backups WHERE asset_id = ? AND state = 'open'")
-            .bind(asset_id)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+    /// Open backups of an asset, or of every asset: (snapshot id, started_at).
+    pub async fn open_backups(&self, asset_id: Option<i64>) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query(
+            "SELECT snapshot_id, started_at FROM backups WHERE state = 'open' AND (?1 IS NULL OR asset_id = ?1)",
+        )
+        .bind(asset_id)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
     }
 
     /// Packs whose local file was dropped because the asset's policy keeps them only in

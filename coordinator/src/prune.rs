@@ -126,7 +126,7 @@ pub async fn prune(
         let snapshots = ctx.catalog.snapshots(Some(&a.name), "", 0).await?;
         let mut points: Vec<Point> =
             snapshots.iter().map(|s| Point { id: s.id.clone(), time: s.started_at, in_flight: false }).collect();
-        let open = ctx.catalog.open_backups(a.id).await?;
+        let open = ctx.catalog.open_backups(Some(a.id)).await?;
         for (id, started) in &open {
             points.push(Point { id: id.clone(), time: *started, in_flight: true });
         }

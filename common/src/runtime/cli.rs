@@ -283,6 +283,15 @@ pub async fn restore<S: Source>(ctx: &AgentContext, source: &S, snapshot: &str, 
     }
 }
 
+/// Removes `path`: a directory with everything under it, anything else as a file (a
+/// symbolic link itself, never what it points to).
+fn remove(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        _ => std::fs::remove_file(path),
+    }
+}
+
 /// What a restore's destination held before the restore began.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Destination {
@@ -309,21 +318,11 @@ impl Destination {
         let shown = to.display();
         let result = match self {
             Destination::Occupied => return None,
-            Destination::Absent => match std::fs::symlink_metadata(to) {
-                Err(_) => return None,
-                Ok(m) if m.is_dir() => std::fs::remove_dir_all(to),
-                Ok(_) => std::fs::remove_file(to),
-            },
-            Destination::EmptyDir => std::fs::read_dir(to).and_then(|entries| {
-                for entry in entries {
-                    let path = entry?.path();
-                    match std::fs::symlink_metadata(&path) {
-                        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path)?,
-                        _ => std::fs::remove_file(&path)?,
-                    }
-                }
-                Ok(())
-            }),
+            Destination::Absent if std::fs::symlink_metadata(to).is_err() => return None,
+            Destination::Absent => remove(to),
+            Destination::EmptyDir => {
+                std::fs::read_dir(to).and_then(|mut entries| entries.try_for_each(|e| remove(&e?.path())))
+            }
         };
         Some(match result {
             Ok(()) => format!("the partial restore at {shown} was removed"),

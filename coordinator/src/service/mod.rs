@@ -186,7 +186,7 @@ impl State {
     pub async fn abort_abandoned_backups(&self, now_ms: i64) -> Result<Vec<String>> {
         let timeout = self.config.open_backup_timeout;
         let open: Vec<(String, i64)> =
-            self.catalog.all_open_backups().await?.into_iter().map(|(id, begun)| (id, begun * 1000)).collect();
+            self.catalog.open_backups(None).await?.into_iter().map(|(id, begun)| (id, begun * 1000)).collect();
         let idle = self.backup_activity.idle(&open, now_ms, timeout.as_millis() as i64);
         for (snapshot, idle_ms) in &idle {
             let reason = format!(
